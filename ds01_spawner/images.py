@@ -1,0 +1,288 @@
+"""Project images: their names, and builds that stream their progress.
+
+A project's image ``ds01-<user>/<project>:latest`` is built from the
+Dockerfile in its workspace. Builds run on their own thread pool with a limit
+on concurrent builds, never on DockerSpawner's single shared executor, so one
+user's long build cannot stall anybody's spawn, poll or stop. Each build
+publishes typed events (``phase``, ``message``, ``progress``) that any number
+of readers can follow, like BinderHub's build events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import re
+import tarfile
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import docker
+import docker.errors
+
+from . import labels
+
+_STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
+MAX_LOG_LINES = 5000
+
+
+def image_repository(user_slug: str, project: str) -> str:
+    return f"ds01-{user_slug}/{project}"
+
+
+def image_ref(user_slug: str, project: str, tag: str = "latest") -> str:
+    return f"{image_repository(user_slug, project)}:{tag}"
+
+
+def dockerfile_digest(dockerfile: str) -> str:
+    return hashlib.sha256(dockerfile.encode("utf-8")).hexdigest()
+
+
+def context_tar(dockerfile: str) -> io.BytesIO:
+    """A build context holding only the Dockerfile.
+
+    The workspace itself is never sent: it can hold datasets of any size and
+    links the hub must not follow.
+    """
+    data = dockerfile.encode("utf-8")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(data)
+        info.mode = 0o644
+        tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    return buf
+
+
+@dataclass(frozen=True)
+class BuildEvent:
+    """One thing that happened in a build.
+
+    phase: ``waiting`` | ``building`` (started) | ``step`` (a ``Step N/M`` line) |
+    ``log`` (any other build output) | ``built`` | ``failed``; progress: 0-100.
+    """
+
+    phase: str
+    message: str
+    progress: int | None = None
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """What to build: the image reference, its Dockerfile, labels and build args."""
+
+    image: str
+    dockerfile: str
+    labels: dict[str, str]
+    buildargs: dict[str, str] = field(default_factory=dict)
+    network_mode: str | None = None
+    nocache: bool = False
+
+
+class BuildError(RuntimeError):
+    """A build that failed; `log_tail` holds the lines that show why."""
+
+    def __init__(self, message: str, log_tail: list[str]) -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+class BuildStreamReader:
+    """Turns docker's build stream (``stream``/``error``/``aux`` dicts) into BuildEvents.
+
+    Classic-builder ``Step N/M`` lines give the progress; the last lines are
+    kept so a failure can show what went wrong.
+    """
+
+    def __init__(self, tail_lines: int = 20) -> None:
+        self.image_id: str | None = None
+        self.error: str | None = None
+        self.step = ""
+        self.tail: list[str] = []
+        self._tail_lines = tail_lines
+        self._progress = 0
+
+    def feed(self, chunk: dict) -> list[BuildEvent]:
+        events = []
+        if "error" in chunk:
+            self.error = str(chunk["error"]).strip()
+        aux = chunk.get("aux")
+        if isinstance(aux, dict) and "ID" in aux:
+            self.image_id = str(aux["ID"])
+        for line in str(chunk.get("stream", "")).splitlines():
+            line = line.rstrip()
+            if not line:
+                continue
+            self.tail = [*self.tail[-(self._tail_lines - 1) :], line]
+            match = _STEP.match(line)
+            if match:
+                n, total = int(match.group(1)), int(match.group(2))
+                self._progress = 100 * (n - 1) // total
+                self.step = f"step {n}/{total} ({match.group(3)[:80]})"
+            events.append(BuildEvent("step" if match else "log", line, self._progress))
+        return events
+
+    def raise_for_error(self) -> None:
+        if self.error is not None:
+            where = f" at {self.step}" if self.step else ""
+            raise BuildError(f"image build failed{where}: {self.error}", self.tail)
+
+
+class Build:
+    """A running or finished build whose events can be followed from the event loop."""
+
+    def __init__(self, spec: BuildSpec, loop: asyncio.AbstractEventLoop) -> None:
+        self.spec = spec
+        self.events: list[BuildEvent] = []
+        self.image_id: str | None = None
+        self.error: BuildError | None = None
+        self.done = asyncio.Event()
+        self._loop = loop
+        self._changed = asyncio.Event()
+        self._step = (0, 0)
+
+    # -- called from the build thread
+    def publish(self, event: BuildEvent) -> None:
+        self._loop.call_soon_threadsafe(self._append, event)
+
+    def finish(self, image_id: str | None, error: BuildError | None) -> None:
+        self._loop.call_soon_threadsafe(self._finish, image_id, error)
+
+    # -- on the event loop
+    def _append(self, event: BuildEvent) -> None:
+        self.events.append(event)
+        if len(self.events) > MAX_LOG_LINES:
+            del self.events[: len(self.events) - MAX_LOG_LINES]
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _finish(self, image_id: str | None, error: BuildError | None) -> None:
+        self.image_id, self.error = image_id, error
+        self.done.set()
+        self._changed.set()
+
+    async def follow(self) -> AsyncIterator[BuildEvent]:
+        """Every event from the start, then new ones as they come, until the build ends."""
+        seen = 0
+        while True:
+            while seen < len(self.events):
+                yield self.events[seen]
+                seen += 1
+            if self.done.is_set():
+                return
+            await self._changed.wait()
+
+    async def wait(self) -> str:
+        """The new image's id; raises BuildError if the build failed."""
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.image_id is not None
+        return self.image_id
+
+    @property
+    def log_lines(self) -> list[str]:
+        return [e.message for e in self.events if e.phase in ("step", "log")]
+
+
+ClientFactory = Callable[[], docker.APIClient]
+
+
+def default_client(timeout: int) -> docker.APIClient:
+    return docker.APIClient(version="auto", timeout=timeout, **docker.utils.kwargs_from_env())
+
+
+class ImageBuilder:
+    """Runs builds on a private thread pool: at most `max_concurrent` at once, one per image.
+
+    Asking for an image that is already building returns the running build,
+    so a second spawn (or page) follows the same log instead of racing it.
+    """
+
+    def __init__(self, max_concurrent: int, client_factory: ClientFactory) -> None:
+        self.max_concurrent = max_concurrent
+        self._executor = ThreadPoolExecutor(max_concurrent, thread_name_prefix="ds01-build")
+        self._client_factory = client_factory
+        self._running: dict[str, Build] = {}
+        self._active = 0
+        self._lock = threading.Lock()
+
+    def running(self) -> list[Build]:
+        return list(self._running.values())
+
+    def build(self, spec: BuildSpec) -> Build:
+        existing = self._running.get(spec.image)
+        if existing is not None and not existing.done.is_set():
+            return existing
+        build = Build(spec, asyncio.get_running_loop())
+        self._running[spec.image] = build
+        with self._lock:
+            busy = self._active
+        if busy >= self.max_concurrent:
+            build._append(
+                BuildEvent("waiting", f"Waiting for a build slot ({busy} builds running)", 0)
+            )
+        future = asyncio.wrap_future(self._executor.submit(self._run, build))
+        future.add_done_callback(lambda _: self._running.pop(spec.image, None))
+        return build
+
+    def _run(self, build: Build) -> None:
+        with self._lock:
+            self._active += 1
+        try:
+            image_id = self._build(build)
+        except BuildError as e:
+            build.publish(BuildEvent("failed", str(e), 100))
+            build.finish(None, e)
+        except Exception as e:  # engine gone, socket timeout, ...
+            err = BuildError(f"image build could not run: {e}", build.log_lines[-20:])
+            build.publish(BuildEvent("failed", str(err), 100))
+            build.finish(None, err)
+        else:
+            build.publish(BuildEvent("built", f"Built {build.spec.image}", 100))
+            build.finish(image_id, None)
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def _build(self, build: Build) -> str:
+        spec = build.spec
+        client = self._client_factory()
+        try:
+            try:
+                previous = client.inspect_image(spec.image)["Id"]
+            except docker.errors.ImageNotFound:
+                previous = None
+            build.publish(BuildEvent("building", f"Building {spec.image}", 0))
+            repo = spec.image.rpartition(":")[0]
+            reader = BuildStreamReader()
+            stream = client.build(
+                fileobj=context_tar(spec.dockerfile),
+                custom_context=True,
+                tag=spec.image,
+                labels={**spec.labels, labels.BUILT_AT: labels.now_iso()},
+                buildargs=spec.buildargs,
+                network_mode=spec.network_mode,
+                nocache=spec.nocache,
+                pull=False,
+                rm=True,
+                forcerm=True,
+                decode=True,
+            )
+            for chunk in stream:
+                for event in reader.feed(chunk):
+                    build.publish(event)
+            reader.raise_for_error()
+            image_id = reader.image_id
+            if image_id is None:
+                image_id = client.inspect_image(spec.image)["Id"]
+            if previous and previous != image_id:
+                # keep the image this build replaced, for a rollback
+                client.tag(previous, repo, "previous")
+            return image_id
+        finally:
+            client.close()

@@ -1,0 +1,322 @@
+"""Projects: names, types, their records and their workspaces.
+
+A project is what a researcher works on: a name, a type (which Dockerfile
+template it started from), a workspace directory on the host (the only files
+that persist) and an image built from the Dockerfile in that workspace.
+`DS01Spawner` maps each project to a JupyterHub server.
+
+Everything here is plain Python with plain inputs; the request validator
+`parse_user_options` is the one gate every entry point (form, REST) passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .identity import UserIds
+
+# JupyterHub's own rules for named servers, so a project name is a server name.
+PROJECT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,29}$")
+OPTION_KEYS = frozenset({"project", "type", "profile"})
+MAX_OPTIONS_BYTES = 4096
+DOCKERFILE = "Dockerfile"
+
+
+class InvalidRequest(ValueError):
+    """A request a user can fix; the message says how."""
+
+
+def validate_project_name(name: object) -> str:
+    """Return `name` if it is a valid project name, else raise InvalidRequest."""
+    if not isinstance(name, str):
+        raise InvalidRequest("project name must be a string")
+    shown = name if len(name) <= 40 else name[:40] + "..."
+    if not PROJECT_NAME.fullmatch(name) or "--" in name or name.endswith("-"):
+        raise InvalidRequest(
+            f"invalid project name {shown!r}: use 1-30 characters a-z, 0-9 and '-', "
+            "starting with a letter, without '--' and not ending in '-'"
+        )
+    return name
+
+
+# ---------------------------------------------------------------- project types
+
+
+@dataclass(frozen=True)
+class ProjectType:
+    """A Dockerfile template a new project starts from (``images/types/<name>``)."""
+
+    name: str
+    dockerfile: Path
+    description: str
+
+    def template(self) -> str:
+        return self.dockerfile.read_text()
+
+
+def discover_types(
+    directory: str | os.PathLike[str], only: list[str] | None = None
+) -> dict[str, ProjectType]:
+    """Project types under `directory`: every ``<name>/Dockerfile``.
+
+    The first comment line of the Dockerfile is the type's description.
+    `only`, when given, keeps those types in that order (the admin's list).
+    """
+    root = Path(directory)
+    found: dict[str, ProjectType] = {}
+    if root.is_dir():
+        for dockerfile in sorted(root.glob(f"*/{DOCKERFILE}")):
+            name = dockerfile.parent.name
+            if not PROJECT_NAME.fullmatch(name):
+                continue
+            description = ""
+            for line in dockerfile.read_text().splitlines():
+                if line.startswith("#") and not line.startswith("#!"):
+                    description = line.lstrip("# ").strip()
+                    break
+            found[name] = ProjectType(name, dockerfile, description)
+    if only:
+        missing = [t for t in only if t not in found]
+        if missing:
+            raise ValueError(f"project types {missing} have no Dockerfile under {root}")
+        return {t: found[t] for t in only}
+    return found
+
+
+# ---------------------------------------------------------------- project records
+
+
+@dataclass
+class Project:
+    """The hub's record of a project (the workspace holds the files)."""
+
+    owner: str
+    name: str
+    type: str
+    created: float
+    last_used: float = 0.0
+
+
+class ProjectStore:
+    """Project records on the hub side, one small JSON file per project.
+
+    Kept outside the workspaces on purpose: a workspace is writable from inside
+    the user's container, so nothing the hub relies on lives there.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(state_dir) / "projects"
+
+    def _dir(self, slug: str) -> Path:
+        return self.root / slug
+
+    def list(self, slug: str) -> list[Project]:
+        """The user's projects, most recently used first."""
+        projects = []
+        for path in sorted(self._dir(slug).glob("*.json")):
+            try:
+                projects.append(Project(**json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError):
+                continue
+        return sorted(projects, key=lambda p: (-p.last_used, p.name))
+
+    def get(self, slug: str, name: str) -> Project | None:
+        path = self._dir(slug) / f"{validate_project_name(name)}.json"
+        try:
+            return Project(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+
+    def save(self, slug: str, project: Project) -> None:
+        directory = self._dir(slug)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = directory / f"{validate_project_name(project.name)}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(project), indent=1))
+        os.replace(tmp, path)
+
+    def touch(self, slug: str, project: Project) -> None:
+        project.last_used = time.time()
+        self.save(slug, project)
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class ProjectRequest:
+    """A validated ask: start project `name` (of `type`; `new` if it must be created)."""
+
+    name: str
+    type: str
+    new: bool
+
+    def user_options(self) -> dict[str, str]:
+        """The canonical user_options; ``profile`` feeds the admin panel's Profile column."""
+        return {"project": self.name, "type": self.type, "profile": self.name}
+
+
+def parse_user_options(
+    options: object,
+    *,
+    server_name: str,
+    types: Mapping[str, ProjectType],
+    existing: Mapping[str, Project],
+    default_type: str,
+    fallback_project: str,
+) -> ProjectRequest:
+    """Validate user_options (from the form or the REST API) into a ProjectRequest.
+
+    The project comes from ``project`` (or ``profile``, as stored by an earlier
+    spawn), else the server name, else `fallback_project`. On a named server
+    the project must be the server's name.
+    """
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise InvalidRequest("user_options must be a JSON object")
+    try:
+        size = len(json.dumps(options))
+    except (TypeError, ValueError):
+        raise InvalidRequest("user_options must be plain JSON") from None
+    if size > MAX_OPTIONS_BYTES:
+        raise InvalidRequest(f"user_options too large ({size} bytes, limit {MAX_OPTIONS_BYTES})")
+    unknown = sorted(set(options) - OPTION_KEYS)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown option(s) {', '.join(map(repr, unknown))[:200]}; "
+            f"allowed: {', '.join(sorted(OPTION_KEYS))}"
+        )
+    for key in OPTION_KEYS & set(options):
+        if not isinstance(options[key], str):
+            raise InvalidRequest(f"option {key!r} must be a string")
+
+    name = options.get("project") or options.get("profile") or server_name or fallback_project
+    name = validate_project_name(name)
+    if server_name and name != server_name:
+        raise InvalidRequest(
+            f"server {server_name!r} runs project {server_name!r}, not {name!r}: "
+            "a named server's name is its project"
+        )
+    profile = options.get("profile")
+    if profile and profile != name:
+        raise InvalidRequest(f"profile {profile!r} does not match project {name!r}")
+
+    asked_type = options.get("type") or ""
+    project = existing.get(name)
+    if project is not None:
+        if asked_type and asked_type != project.type:
+            raise InvalidRequest(
+                f"project {name!r} already exists with type {project.type!r}; "
+                f"create a new project to use type {asked_type!r}"
+            )
+        return ProjectRequest(name, project.type, new=False)
+    project_type = asked_type or default_type
+    if project_type not in types:
+        raise InvalidRequest(
+            f"unknown project type {project_type[:40]!r}; choose one of: {', '.join(types)}"
+        )
+    return ProjectRequest(name, project_type, new=True)
+
+
+def options_from_form(formdata: Mapping[str, list[str]]) -> dict[str, str]:
+    """Turn the project picker's form into user_options (validated later, once)."""
+
+    def field(key: str) -> str:
+        values = formdata.get(key) or [""]
+        return values[0].strip()
+
+    options = {}
+    choice = field("project")
+    if choice == "__new__" or not choice:
+        choice = field("new_project")
+        if field("type"):
+            options["type"] = field("type")
+    if choice:
+        options["project"] = choice
+    return options
+
+
+# ---------------------------------------------------------------- workspaces
+
+
+class WorkspaceError(RuntimeError):
+    """A workspace that cannot be used safely; nothing was changed."""
+
+
+def workspace_path(template: str, *, root: str, user: str, project: str) -> Path:
+    """The host directory of a project's workspace, guaranteed to lie under `root`."""
+    validate_project_name(project)
+    path = Path(os.path.abspath(template.format(workspace_root=root, user=user, project=project)))
+    real_root = Path(os.path.realpath(root))
+    real = Path(os.path.realpath(path))
+    if real_root == real or real_root not in real.parents:
+        raise WorkspaceError(f"workspace {path} is outside the workspace root {root}")
+    return path
+
+
+def prepare_workspace(path: Path, ids: UserIds, *, root: str) -> bool:
+    """Make sure `path` exists and belongs to `ids`; return True if it was created.
+
+    Created before the container starts, because Docker would create a missing
+    bind-mount source owned by root. An existing workspace owned by someone
+    else is refused, never chowned.
+    """
+    Path(root).mkdir(parents=True, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            raise WorkspaceError(f"workspace {path} is not a plain directory")
+        if st.st_uid != ids.uid:
+            raise WorkspaceError(
+                f"workspace {path} is owned by uid {st.st_uid}, not by you (uid {ids.uid}); "
+                "ask an admin to fix its ownership"
+            )
+        return False
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, mode=0o755)
+    if os.path.islink(parent):
+        raise WorkspaceError(f"workspace parent {parent} is a symbolic link")
+    path.mkdir(mode=0o750)
+    os.chown(path, ids.uid, ids.gid)
+    return True
+
+
+def write_new_file(path: Path, text: str, ids: UserIds) -> None:
+    """Create `path` (never following or replacing anything there) owned by `ids`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, text.encode("utf-8"))
+        os.fchown(fd, ids.uid, ids.gid)
+    finally:
+        os.close(fd)
+
+
+def read_workspace_file(path: Path, max_bytes: int) -> str:
+    """Read a file the user controls without following links or reading unbounded data."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise WorkspaceError(f"{path.name} is missing from the workspace {path.parent}") from None
+    except OSError as e:
+        raise WorkspaceError(f"cannot read {path.name} in the workspace: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise WorkspaceError(f"{path.name} in the workspace is not a regular file")
+        data = os.read(fd, max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise WorkspaceError(f"{path.name} is larger than {max_bytes} bytes")
+    return data.decode("utf-8", errors="replace")

@@ -1,0 +1,565 @@
+"""DS01Spawner: DockerSpawner for a shared lab server, one project per server.
+
+Glue only: projects, images and identities live in their own modules; this
+class holds the configuration (its traitlets' help text is the config
+reference) and wires those modules into JupyterHub's spawn lifecycle:
+
+    apply_user_options -> validate the project request (400 on bad input)
+    start              -> uid, workspace, image (built here if missing,
+                          streamed to progress()), then DockerSpawner.start
+    stop               -> retire: the container is removed, workspace and
+                          image stay
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import docker.errors
+from dockerspawner import DockerSpawner
+from jinja2 import Environment, PackageLoader, select_autoescape
+from jupyterhub.spawner import SpawnException
+from traitlets import Bool, Callable, Integer, List, Tuple, Unicode, default
+
+from . import labels
+from .identity import UidAllocator, UserIds, resolve_ids, user_slug
+from .images import (
+    BuildError,
+    BuildSpec,
+    ImageBuilder,
+    default_client,
+    dockerfile_digest,
+    image_ref,
+)
+from .projects import (
+    DOCKERFILE,
+    InvalidRequest,
+    Project,
+    ProjectRequest,
+    ProjectStore,
+    ProjectType,
+    WorkspaceError,
+    discover_types,
+    options_from_form,
+    parse_user_options,
+    prepare_workspace,
+    read_workspace_file,
+    workspace_path,
+    write_new_file,
+)
+
+_REPO_TYPES = Path(__file__).resolve().parent.parent / "images" / "types"
+_templates = Environment(
+    loader=PackageLoader("ds01_spawner", "templates"), autoescape=select_autoescape()
+)
+
+
+def refusal(
+    message: str, *, reason: str, status_code: int = 400, message_html: str = ""
+) -> SpawnException:
+    """A SpawnException whose clean message (and HTML) reach the spawn page and REST client.
+
+    JupyterHub's progress stream and error pages read `jupyterhub_message` /
+    `jupyterhub_html_message`; without them they show the exception's repr.
+    """
+    e = SpawnException(message, reason=reason, status_code=status_code, message_html=message_html)
+    e.jupyterhub_message = message
+    if message_html:
+        e.jupyterhub_html_message = message_html
+    return e
+
+
+# The share of the progress bar each spawn phase uses.
+_BUILD_START, _BUILD_END, _CONTAINER = 10, 85, 90
+
+
+class DS01Spawner(DockerSpawner):
+    """Spawn each project of a user in a container of the project's own image."""
+
+    # ------------------------------------------------------------ configuration
+
+    workspace_root = Unicode(
+        "/srv/ds01/workspaces",
+        help="Host directory under which all workspaces live. Created if missing.",
+    ).tag(config=True)
+
+    workspace_template = Unicode(
+        "{workspace_root}/{user}/{project}",
+        help="""Host path of a project's workspace, mounted at `workspace_mount`.
+
+        Fields: {workspace_root}, {user} (the user's slug: the hub name when it is
+        plain [a-z0-9-], else a folded name plus a hash) and {project}. The result
+        must lie under workspace_root.
+        """,
+    ).tag(config=True)
+
+    workspace_mount = Unicode(
+        "/workspace",
+        help="Where the workspace appears inside the container; also the working directory.",
+    ).tag(config=True)
+
+    state_dir = Unicode(
+        "/srv/ds01/state",
+        help="Hub-side state: project records and the uid map. Not visible to containers.",
+    ).tag(config=True)
+
+    project_types_dir = Unicode(
+        str(_REPO_TYPES),
+        help="""Directory of project type templates: each `<type>/Dockerfile` is a type.
+
+        A new project's workspace gets a copy of its type's Dockerfile; the first
+        comment line is the description shown in the project picker.
+        """,
+    ).tag(config=True)
+
+    project_types = List(
+        Unicode(),
+        help="Project types users may choose, in picker order. Empty: every type found.",
+    ).tag(config=True)
+
+    default_project_type = Unicode(
+        "base", help="Type of a project created without one (e.g. through the REST API)."
+    ).tag(config=True)
+
+    default_project = Unicode(
+        "default",
+        help="Project the default server opens when the user has none and names none.",
+    ).tag(config=True)
+
+    base_image = Unicode(
+        "ds01/singleuser:latest",
+        help="""Passed to every project build as the BASE_IMAGE build argument.
+
+        `images/build` makes ds01/singleuser:latest locally; on a server with a
+        registry, any jupyterhub-singleuser image works.
+        """,
+    ).tag(config=True)
+
+    build_network_mode = Unicode(
+        None,
+        allow_none=True,
+        help="Network mode for image builds (e.g. 'host' to reach a local package index).",
+    ).tag(config=True)
+
+    max_concurrent_builds = Integer(
+        2,
+        min=1,
+        help="""Image builds allowed at once, hub-wide. Further builds wait for a slot.
+
+        Builds run on their own threads, never on DockerSpawner's shared executor,
+        so a long build does not hold up other users' spawns, polls or stops.
+        """,
+    ).tag(config=True)
+
+    build_timeout = Integer(
+        3600, help="Seconds a build may run without sending output before it is failed."
+    ).tag(config=True)
+
+    max_dockerfile_bytes = Integer(
+        256 * 1024, help="Largest workspace Dockerfile the hub will build."
+    ).tag(config=True)
+
+    use_system_users = Bool(
+        True,
+        help="""Run a user's containers as their host account's uid/gid when one exists.
+
+        Otherwise (and for users without an account) a uid from `uid_range` is
+        allocated once, stored in `state_dir`/uids.json, and used forever after,
+        with a private group gid == uid.
+        """,
+    ).tag(config=True)
+
+    min_system_uid = Integer(
+        1000,
+        help="Host accounts below this uid (daemon, www-data, ...) are never used.",
+    ).tag(config=True)
+
+    uid_range = Tuple(
+        Integer(),
+        Integer(),
+        default_value=(20000, 59999),
+        help="Range (inclusive) of uids allocated to users without a host account.",
+    ).tag(config=True)
+
+    user_ids_hook = Callable(
+        None,
+        allow_none=True,
+        help="""Optional `hook(spawner) -> (uid, gid)` deciding the ids yourself
+        (e.g. from LDAP or auth_state). Return None to fall back to the rules above.
+        """,
+    ).tag(config=True)
+
+    # DockerSpawner defaults that fit the DS01 model.
+    @default("remove")
+    def _default_remove(self) -> bool:
+        return True  # retire: a stopped container is removed, never restarted stale
+
+    @default("prefix")
+    def _default_prefix(self) -> str:
+        return "ds01"
+
+    @default("name_template")
+    def _default_name_template(self) -> str:
+        return "{prefix}-{user_slug}--{project}"
+
+    @default("pull_policy")
+    def _default_pull_policy(self) -> str:
+        return "skip"  # project images are local; start() builds what is missing
+
+    @default("start_timeout")
+    def _default_start_timeout(self) -> int:
+        return 900  # a first spawn may build the project's image
+
+    @default("notebook_dir")
+    def _default_notebook_dir(self) -> str:
+        return self.workspace_mount
+
+    @default("options_form")
+    def _default_options_form(self) -> Any:
+        return lambda spawner: spawner.render_options_form()
+
+    @default("options_from_form")
+    def _default_options_from_form(self) -> Any:
+        return options_from_form
+
+    @default("apply_user_options")
+    def _default_apply_user_options(self) -> Any:
+        return lambda spawner, user_options: spawner.apply_project_options(user_options)
+
+    # ------------------------------------------------------------ shared objects
+
+    _builder: ClassVar[ImageBuilder | None] = None
+
+    @property
+    def builder(self) -> ImageBuilder:
+        cls = type(self)
+        if cls._builder is None:
+            timeout = self.build_timeout
+            cls._builder = ImageBuilder(self.max_concurrent_builds, lambda: default_client(timeout))
+        return cls._builder
+
+    @property
+    def store(self) -> ProjectStore:
+        return ProjectStore(self.state_dir)
+
+    @property
+    def user_slug(self) -> str:
+        return user_slug(self.user.name)
+
+    def types(self) -> dict[str, ProjectType]:
+        return discover_types(self.project_types_dir, self.project_types or None)
+
+    # ------------------------------------------------------------ per-server state
+
+    _request: ProjectRequest | None = None
+    _project: Project | None = None
+    _ids: UserIds | None = None
+    _workspace: str = ""
+    _events: list[dict[str, Any]]
+    _events_changed: asyncio.Event | None = None
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        ds01 = state.get("ds01") or {}
+        if ds01.get("project"):
+            self._project = Project(
+                owner=self.user.name, name=ds01["project"], type=ds01.get("type", ""), created=0
+            )
+            self._workspace = ds01.get("workspace", "")
+            if ds01.get("uid"):
+                self._ids = UserIds(ds01["uid"], ds01["gid"], ds01.get("ids_source", "state"))
+
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        if self.object_id and self._project is not None:
+            state["ds01"] = {
+                "project": self._project.name,
+                "type": self._project.type,
+                "workspace": self._workspace,
+                "image": self.image,
+                "uid": self._ids.uid if self._ids else None,
+                "gid": self._ids.gid if self._ids else None,
+            }
+        return state
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self._project = None
+        self._workspace = ""
+
+    def template_namespace(self) -> dict[str, str]:
+        ns = super().template_namespace()
+        ns["user_slug"] = self.user_slug
+        ns["project"] = self._project.name if self._project else (self.name or "default")
+        return ns
+
+    # ------------------------------------------------------------ requests
+
+    def apply_project_options(self, user_options: dict[str, Any]) -> None:
+        """Validate the request before anything is created (bad input -> 400)."""
+        self._request = self._validate(user_options)
+        self._store_user_options(self._request)
+
+    def _store_user_options(self, request: ProjectRequest) -> None:
+        """Canonical options, persisted: the admin panel's Profile column shows the project."""
+        self.user_options = request.user_options()
+        if self.orm_spawner is not None:
+            self.orm_spawner.user_options = request.user_options()
+
+    def _validate(self, user_options: Any) -> ProjectRequest:
+        existing = {p.name: p for p in self.store.list(self.user_slug)}
+        try:
+            request = parse_user_options(
+                user_options,
+                server_name=self.name,
+                types=self.types(),
+                existing=existing,
+                default_type=self.default_project_type,
+                fallback_project=next(iter(existing), self.default_project),
+            )
+        except InvalidRequest as e:
+            raise refusal(str(e), reason="invalid_options", status_code=400) from None
+        self._check_not_running_elsewhere(request.name)
+        return request
+
+    def _check_not_running_elsewhere(self, project: str) -> None:
+        for name, other in self.user.spawners.items():
+            if other is self or name == self.name:
+                continue
+            running = other.active or getattr(other, "object_id", None)
+            if running and getattr(other, "_project", None) and other._project.name == project:
+                where = f"server {name!r}" if name else "your default server"
+                raise refusal(
+                    f"project {project!r} is already running in {where}; open or stop it there",
+                    reason="project_in_use",
+                    status_code=409,
+                )
+
+    # ------------------------------------------------------------ the picker
+
+    async def render_options_form(self) -> str:
+        projects = self.store.list(self.user_slug)
+        by_name = {p.name: p for p in projects}
+        if self.name and self.name in by_name:
+            return ""  # a named server's project is fixed: nothing to pick
+        built = await self._built_projects()
+        return _templates.get_template("options_form.html").render(
+            projects=projects,
+            built=built,
+            types=self.types(),
+            default_type=self.default_project_type,
+            server_name=self.name,
+            selected=projects[0].name if projects else "__new__",
+        )
+
+    async def _built_projects(self) -> dict[str, str]:
+        """project -> creation time of its image, for this user."""
+        try:
+            images = await self.docker("images", filters=labels.managed_filter(self.user.name))
+        except docker.errors.DockerException:
+            return {}
+        built = {}
+        for image in images:
+            project = (image.get("Labels") or {}).get(labels.PROJECT)
+            if project and any(t.endswith(":latest") for t in image.get("RepoTags") or []):
+                built[project] = time.strftime("%Y-%m-%d %H:%M", time.localtime(image["Created"]))
+        return built
+
+    # ------------------------------------------------------------ progress
+
+    def _emit(self, progress: int, message: str) -> None:
+        self._events.append({"progress": progress, "message": message})
+        if self._events_changed is not None:
+            self._events_changed.set()
+            self._events_changed = asyncio.Event()
+
+    async def progress(self):
+        """Project, build and container steps, with the build log, as they happen."""
+        seen = 0
+        while True:
+            events = getattr(self, "_events", [])
+            while seen < len(events):
+                yield events[seen]
+                seen += 1
+            if self._events_changed is None:
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._events_changed.wait(), timeout=30)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> tuple[str, int]:
+        self._events = []
+        self._events_changed = asyncio.Event()
+        try:
+            return await self._start()
+        finally:
+            self._events_changed.set()
+            self._events_changed = None
+
+    async def _start(self) -> tuple[str, int]:
+        request = self._request or self._validate(self.user_options)
+        self._request = None
+        self._check_not_running_elsewhere(request.name)
+        ids = self._resolve_ids()
+        types = self.types()
+        self._emit(2, f"{'Creating' if request.new else 'Opening'} project {request.name}")
+        project, workspace = self._open_project(request, ids, types)
+        image = await self._ensure_image(project, workspace, ids)
+
+        self._project, self._ids, self._workspace = project, ids, str(workspace)
+        self._store_user_options(request)
+        self.image = image  # re-renders object_name from name_template
+        self.object_name = self._render_templates(self.name_template)
+        self._emit(_CONTAINER, f"Starting container {self.object_name}")
+        return await super().start()
+
+    def _resolve_ids(self) -> UserIds:
+        try:
+            if self.user_ids_hook is not None:
+                ids = self.user_ids_hook(self)
+                if ids is not None:
+                    return UserIds(int(ids[0]), int(ids[1]), "hook")
+            allocator = UidAllocator(Path(self.state_dir) / "uids.json", *self.uid_range)
+            return resolve_ids(
+                self.user.name,
+                use_system_users=self.use_system_users,
+                min_system_uid=self.min_system_uid,
+                allocator=allocator,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise refusal(
+                f"cannot decide which uid to run as: {e}", reason="uid", status_code=500
+            ) from None
+
+    def _open_project(
+        self, request: ProjectRequest, ids: UserIds, types: dict[str, ProjectType]
+    ) -> tuple[Project, Path]:
+        """The project's record and workspace, created on first use (`project init`)."""
+        slug = self.user_slug
+        try:
+            workspace = workspace_path(
+                self.workspace_template, root=self.workspace_root, user=slug, project=request.name
+            )
+            created = prepare_workspace(workspace, ids, root=self.workspace_root)
+            project = self.store.get(slug, request.name)
+            if project is None:
+                project = Project(self.user.name, request.name, request.type, time.time())
+            if created or not (workspace / DOCKERFILE).exists():
+                write_new_file(workspace / DOCKERFILE, types[project.type].template(), ids)
+        except WorkspaceError as e:
+            raise refusal(str(e), reason="workspace", status_code=400) from None
+        except (OSError, KeyError) as e:
+            raise refusal(
+                f"cannot prepare the workspace of {request.name!r}: {e}",
+                reason="workspace",
+                status_code=500,
+            ) from None
+        self.store.touch(slug, project)
+        return project, workspace
+
+    async def _ensure_image(self, project: Project, workspace: Path, ids: UserIds) -> str:
+        """The project's image, built now (with progress events) if it does not exist."""
+        ref = image_ref(self.user_slug, project.name)
+        try:
+            await self.docker("inspect_image", ref)
+            self._emit(_BUILD_END, f"Image {ref} is built")
+            return ref
+        except docker.errors.ImageNotFound:
+            pass
+        try:
+            dockerfile = read_workspace_file(workspace / DOCKERFILE, self.max_dockerfile_bytes)
+        except WorkspaceError as e:
+            raise refusal(str(e), reason="build", status_code=400) from None
+        spec = BuildSpec(
+            image=ref,
+            dockerfile=dockerfile,
+            labels={
+                **labels.project_labels(self.user.name, project.name, project.type),
+                labels.DOCKERFILE_SHA256: dockerfile_digest(dockerfile),
+            },
+            buildargs={"BASE_IMAGE": self.base_image},
+            network_mode=self.build_network_mode,
+        )
+        self._emit(_BUILD_START, f"Building image {ref} (first start of this project)")
+        build = self.builder.build(spec)
+        span = _BUILD_END - _BUILD_START
+        async for event in build.follow():
+            if event.phase == "building":
+                continue  # said above, with more context
+            progress = _BUILD_START + span * (event.progress or 0) // 100
+            self._emit(progress, event.message)
+        try:
+            await build.wait()
+        except BuildError as e:
+            tail = "\n".join(e.log_tail)
+            raise refusal(
+                f"{e}. The previous image and the workspace are unchanged; "
+                f"fix the Dockerfile in {self.workspace_mount} and start again.",
+                reason="build",
+                status_code=500,
+                message_html=(
+                    f"<p>{html.escape(str(e))}</p><pre>{html.escape(tail)}</pre>"
+                    "<p>The previous image and the workspace are unchanged.</p>"
+                ),
+            ) from None
+        return ref
+
+    async def stop(self, now: bool = False) -> None:
+        """Retire: remove the container; the workspace and the image stay."""
+        project = self._project.name if self._project else "?"
+        await super().stop(now=now)
+        self.log.info("Retired %s (project %s) of %s", self.object_name, project, self.user.name)
+
+    # ------------------------------------------------------------ container spec
+
+    @property
+    def volume_binds(self) -> dict[str, dict[str, str]]:
+        binds = super().volume_binds
+        if self._workspace:
+            binds[self._workspace] = {"bind": self.workspace_mount, "mode": "rw"}
+        return binds
+
+    def get_env(self) -> dict[str, str]:
+        env = super().get_env()
+        if self._project is not None:
+            env.update(
+                DS01_PROJECT=self._project.name,
+                DS01_PROJECT_TYPE=self._project.type,
+                DS01_IMAGE=self.image,
+                DS01_WORKSPACE=self.workspace_mount,
+            )
+        return env
+
+    def docker(self, method: str, *args: Any, **kwargs: Any) -> asyncio.Future:
+        if method == "create_container":
+            kwargs = self._harden(kwargs)
+        return super().docker(method, *args, **kwargs)
+
+    def _harden(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Applied last, over any extra_create_kwargs / extra_host_config: never root,
+        no privilege gain, no capabilities, labelled as ds01's."""
+        if self._ids is None or self._project is None:
+            raise refusal("no project resolved for this container", reason="internal")
+        kwargs["user"] = self._ids.docker_user
+        kwargs["working_dir"] = self.workspace_mount
+        kwargs["labels"] = {
+            **(kwargs.get("labels") or {}),
+            **labels.project_labels(self.user.name, self._project.name, self._project.type),
+            labels.SERVER_NAME: self.name,
+            labels.IMAGE: self.image,
+            labels.UID: str(self._ids.uid),
+            labels.STARTED_AT: labels.now_iso(),
+        }
+        host = kwargs.setdefault("host_config", {})
+        host["SecurityOpt"] = sorted({*(host.get("SecurityOpt") or []), "no-new-privileges"})
+        host["CapDrop"] = ["ALL"]
+        host.pop("CapAdd", None)
+        host["Privileged"] = False
+        host.setdefault("Init", True)  # reap the zombies terminals and kernels leave behind
+        return kwargs

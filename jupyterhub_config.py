@@ -1,0 +1,52 @@
+"""A ds01 hub that runs as-is on one machine: `scripts/start-hub`.
+
+Embedded defaults: SQLite, local images (built by `images/build`), and a
+TRY-IT-OUT authenticator. Everything lives under $DS01_DATA_DIR (/srv/ds01).
+
+Environment knobs:
+  DS01_DATA_DIR         workspaces, hub state, SQLite database  (/srv/ds01)
+  DS01_BIND_URL         where the hub is served                 (http://127.0.0.1:8000)
+  DS01_ADMIN_USERS      comma-separated admin users             (admin)
+  DS01_SHARED_PASSWORD  if set, everyone logs in with this password (8+ chars)
+"""
+
+import os
+from pathlib import Path
+
+from ds01_spawner import configure
+
+c = get_config()  # noqa: F821
+
+here = Path(__file__).resolve().parent
+data = Path(os.environ.get("DS01_DATA_DIR", "/srv/ds01"))
+data.mkdir(parents=True, exist_ok=True)
+
+configure(c)
+c.JupyterHub.bind_url = os.environ.get("DS01_BIND_URL", "http://127.0.0.1:8000")
+c.JupyterHub.db_url = f"sqlite:///{data / 'jupyterhub.sqlite'}"
+c.JupyterHub.cookie_secret_file = str(data / "jupyterhub_cookie_secret")
+c.ConfigurableHTTPProxy.pid_file = str(data / "jupyterhub-proxy.pid")
+c.JupyterHub.allow_named_servers = True
+c.JupyterHub.named_server_limit_per_user = 5
+
+# --- Authentication: FOR TRYING IT ON ONE MACHINE ONLY -------------------------
+# DummyAuthenticator lets anyone in with any password; that is why the hub
+# listens on 127.0.0.1 by default. On a real server use your lab's login, e.g.
+#   c.JupyterHub.authenticator_class = "ldapauthenticator.LDAPAuthenticator"
+#   c.JupyterHub.authenticator_class = "oauthenticator.generic.GenericOAuthenticator"
+#   c.JupyterHub.authenticator_class = "pam"   (host accounts; uids then match)
+if os.environ.get("DS01_SHARED_PASSWORD"):
+    c.JupyterHub.authenticator_class = "shared-password"
+    c.SharedPasswordAuthenticator.user_password = os.environ["DS01_SHARED_PASSWORD"]
+    c.SharedPasswordAuthenticator.allow_all = True
+else:
+    c.JupyterHub.authenticator_class = "dummy"
+c.Authenticator.admin_users = {
+    u.strip() for u in os.environ.get("DS01_ADMIN_USERS", "admin").split(",") if u.strip()
+}
+
+# --- ds01 ----------------------------------------------------------------------
+c.DS01Spawner.workspace_root = str(data / "workspaces")
+c.DS01Spawner.state_dir = str(data / "state")
+c.DS01Spawner.project_types_dir = str(here / "images" / "types")
+c.DS01Spawner.base_image = "ds01/singleuser:latest"
