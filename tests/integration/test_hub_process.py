@@ -1,0 +1,71 @@
+"""The repo's jupyterhub_config.py as-is, in a real hub process: restart and shutdown."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from ds01_spawner import labels
+
+from .hubprocess import HubProcess, remove_user_objects
+
+
+@pytest.fixture
+def hub_process(tmp_path, engine):
+    data = tmp_path / "data"
+    data.mkdir()
+    procs: list[HubProcess] = []
+
+    def make() -> HubProcess:
+        p = HubProcess(data, tmp_path / "hub.log")
+        if procs:  # a restarted hub keeps its ports
+            p.port, p.hub_port, p.api_port, p.url = (
+                procs[0].port,
+                procs[0].hub_port,
+                procs[0].api_port,
+                procs[0].url,
+            )
+            p.token = procs[0].token
+        procs.append(p)
+        return p
+
+    yield make
+    for p in procs:
+        p.stop()
+    remove_user_objects(engine, "researcher")
+
+
+def containers(engine, user):
+    return engine.containers.list(all=True, filters={"label": [f"{labels.USER}={user}"]})
+
+
+def test_killed_hub_reattaches_and_shutdown_retires(hub_process, engine):
+    hub = hub_process()
+    hub.start()
+    assert hub.api("POST", "users/researcher").status_code in (201, 409)
+    r = hub.api("POST", "users/researcher/servers/thesis", data=json.dumps({"user_options": {}}))
+    assert r.status_code in (201, 202), r.text
+    hub.wait_ready("researcher", "thesis")
+    (before,) = containers(engine, "researcher")
+
+    hub.kill()  # SIGKILL: no cleanup at all
+    assert before.id in {c.id for c in containers(engine, "researcher")}
+
+    hub2 = hub_process()
+    hub2.start()
+    server = hub2.wait_ready("researcher", "thesis", timeout=30)
+    assert server["user_options"]["profile"] == "thesis"
+    (after,) = containers(engine, "researcher")
+    assert after.id == before.id, "the restarted hub reattached to the same container"
+    r = requests.get(
+        f"{hub2.url}/user/researcher/thesis/api/status",
+        headers={"Authorization": f"token {hub2.admin_token()}"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+
+    assert hub2.terminate() == 0  # cleanup_servers: every server is retired
+    assert containers(engine, "researcher") == []
+    assert engine.images.get(after.labels[labels.IMAGE]).labels[labels.PROJECT] == "thesis"
