@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +23,7 @@ from jupyterhub.tests.utils import add_user, api_request, auth_header, public_ho
 
 from ds01_spawner import DS01Spawner, labels
 from ds01_spawner.configure import docker_bridge_ip
+from ds01_spawner.identity import UidAllocator, UserIds, user_slug
 
 from .hubprocess import remove_user_objects
 
@@ -180,6 +182,16 @@ class HubDriver:
 
     def images(self, user: str):
         return self.engine.images.list(filters={"label": [f"{labels.USER}={user}"]})
+
+    def seed_workspace(self, user: str, project: str, dockerfile: str) -> tuple[Path, UserIds]:
+        """`project init` by hand: a workspace owned by the user's uid, with this Dockerfile."""
+        cfg = self.app.config.DS01Spawner
+        ids = UidAllocator(Path(cfg.state_dir) / "uids.json", 20000, 59999).ids_for(user)
+        workspace = Path(cfg.workspace_root) / user_slug(user) / project
+        workspace.mkdir(parents=True)
+        os.chown(workspace, ids.uid, ids.gid)
+        (workspace / "Dockerfile").write_text(dockerfile)
+        return workspace, ids
 
     def cleanup(self) -> None:
         for user in self.users:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import zipfile
 from pathlib import Path
 
@@ -194,15 +193,8 @@ async def test_bad_requests_get_400_and_change_nothing(hub, dirs):
 async def test_failed_first_build_shows_log_and_keeps_workspace(hub, dirs):
     h = await hub()
     user = h.new_user()
-    # project init made by hand: a workspace whose Dockerfile fails at its RUN step
-    from ds01_spawner.identity import UidAllocator
-
-    ids = UidAllocator(Path(dirs["state_dir"]) / "uids.json", 20000, 59999).ids_for(user)
-    workspace = Path(dirs["workspace_root"]) / user_slug(user) / "broken"
-    workspace.mkdir(parents=True)
-    os.chown(workspace, ids.uid, ids.gid)
-    (workspace / "Dockerfile").write_text(
-        "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nRUN echo about to fail && exit 3\n"
+    workspace, _ = h.seed_workspace(
+        user, "broken", "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nRUN echo about to fail && exit 3\n"
     )
     (workspace / "data.csv").write_text("1,2,3\n")
 
