@@ -302,7 +302,15 @@ class DS01Spawner(DockerSpawner):
 
     def apply_project_options(self, user_options: dict[str, Any]) -> None:
         """Validate the request before anything is created (bad input -> 400)."""
-        self._request = self._validate(user_options)
+        try:
+            self._request = self._validate(user_options)
+        except SpawnException:
+            # the hub saved these options as the server's defaults before asking us;
+            # forget them, so a later start without options opens the last project
+            if self.orm_spawner is not None:
+                self.orm_spawner.user_options = None
+                self.db.commit()
+            raise
         self._store_user_options(self._request)
 
     def _store_user_options(self, request: ProjectRequest) -> None:

@@ -186,6 +186,8 @@ async def test_bad_requests_get_400_and_change_nothing(hub, dirs):
     assert {i.id for i in h.engine.images.list()} == images_before
     model = (await api_request(h.app, "users", user)).json()
     assert model["servers"] == {}
+    # the hub stored the rejected options as defaults; the spawner forgot them
+    assert h.app.users[user].spawners[""].orm_spawner.user_options is None
     # and the other user's project is untouched and still running
     assert h.container(other, "private").status == "running"
 
