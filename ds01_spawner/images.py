@@ -15,7 +15,6 @@ import hashlib
 import io
 import re
 import tarfile
-import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -208,8 +207,6 @@ class ImageBuilder:
         self._executor = ThreadPoolExecutor(max_concurrent, thread_name_prefix="ds01-build")
         self._client_factory = client_factory
         self._running: dict[str, Build] = {}
-        self._active = 0
-        self._lock = threading.Lock()
 
     def running(self) -> list[Build]:
         return list(self._running.values())
@@ -218,21 +215,22 @@ class ImageBuilder:
         existing = self._running.get(spec.image)
         if existing is not None and not existing.done.is_set():
             return existing
+        busy = sum(not b.done.is_set() for b in self._running.values())
         build = Build(spec, asyncio.get_running_loop())
         self._running[spec.image] = build
-        with self._lock:
-            busy = self._active
         if busy >= self.max_concurrent:
             build._append(
-                BuildEvent("waiting", f"Waiting for a build slot ({busy} builds running)", 0)
+                BuildEvent("waiting", f"Waiting for a build slot ({busy} builds ahead)", 0)
             )
         future = asyncio.wrap_future(self._executor.submit(self._run, build))
-        future.add_done_callback(lambda _: self._running.pop(spec.image, None))
+        future.add_done_callback(lambda _: self._forget(build))
         return build
 
+    def _forget(self, build: Build) -> None:
+        if self._running.get(build.spec.image) is build:
+            del self._running[build.spec.image]
+
     def _run(self, build: Build) -> None:
-        with self._lock:
-            self._active += 1
         try:
             image_id = self._build(build)
         except BuildError as e:
@@ -245,9 +243,6 @@ class ImageBuilder:
         else:
             build.publish(BuildEvent("built", f"Built {build.spec.image}", 100))
             build.finish(image_id, None)
-        finally:
-            with self._lock:
-                self._active -= 1
 
     def _build(self, build: Build) -> str:
         spec = build.spec

@@ -65,7 +65,9 @@ async def test_a_long_build_does_not_hold_up_another_users_spawn_and_stop(hub, e
 
     # the slow user's first spawn builds an image that takes >= 20 s
 
-    _, ids = h.seed_workspace(slow, "heavy", "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nRUN sleep 20\n")
+    # (the user name in the RUN line defeats the layer cache of earlier runs)
+    dockerfile = f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nRUN echo {slow} && sleep 20\n"
+    _, ids = h.seed_workspace(slow, "heavy", dockerfile)
     slow_start = asyncio.ensure_future(h.start(slow, "heavy", timeout=120))
     await asyncio.sleep(2)  # the build is running now
 
