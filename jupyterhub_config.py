@@ -8,6 +8,7 @@ Environment knobs:
   DS01_BIND_URL         where the hub is served                 (http://127.0.0.1:8000)
   DS01_ADMIN_USERS      comma-separated admin users             (admin)
   DS01_SHARED_PASSWORD  if set, everyone logs in with this password (8+ chars)
+  DS01_SIMULATED_GPUS   present N simulated GPUs instead of reading NVML   (0)
 """
 
 import os
@@ -50,3 +51,6 @@ c.DS01Spawner.workspace_root = str(data / "workspaces")
 c.DS01Spawner.state_dir = str(data / "state")
 c.DS01Spawner.project_types_dir = str(here / "images" / "types")
 c.DS01Spawner.base_image = "ds01/singleuser:latest"
+
+# GPUs: NVML by default; DS01_SIMULATED_GPUS=N presents N pretend GPUs (passed as env only)
+c.DS01Spawner.simulated_gpus = int(os.environ.get("DS01_SIMULATED_GPUS", "0"))

@@ -20,6 +20,11 @@ UID = "ds01.uid"
 STARTED_AT = "ds01.started_at"
 BUILT_AT = "ds01.built_at"
 DOCKERFILE_SHA256 = "ds01.dockerfile_sha256"
+# the GPU ledger: what a container holds, written when it is created
+GPU_UUIDS = "ds01.gpu.uuids"
+GPU_INDICES = "ds01.gpu.indices"
+GPU_EQUIVALENTS = "ds01.gpu.equivalents"
+GPU_ALLOCATED_AT = "ds01.gpu.allocated_at"
 
 
 def now_iso() -> str:

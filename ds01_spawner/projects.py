@@ -24,7 +24,8 @@ from .identity import UserIds
 
 # JupyterHub's own rules for named servers, so a project name is a server name.
 PROJECT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,29}$")
-OPTION_KEYS = frozenset({"project", "type", "profile"})
+OPTION_KEYS = frozenset({"project", "type", "profile", "gpus"})
+MAX_GPUS_ASKED = 64
 MAX_OPTIONS_BYTES = 4096
 DOCKERFILE = "Dockerfile"
 
@@ -157,10 +158,32 @@ class ProjectRequest:
     name: str
     type: str
     new: bool
+    gpus: int = 0
+    mig: bool = False  # MIG slices instead of whole GPUs
 
-    def user_options(self) -> dict[str, str]:
+    def user_options(self) -> dict[str, str | int]:
         """The canonical user_options; ``profile`` feeds the admin panel's Profile column."""
-        return {"project": self.name, "type": self.type, "profile": self.name}
+        options: dict[str, str | int] = {
+            "project": self.name,
+            "type": self.type,
+            "profile": self.name,
+        }
+        if self.gpus:
+            options["gpus"] = "mig" if self.mig else self.gpus
+        return options
+
+
+def parse_gpus(value: object) -> tuple[int, bool]:
+    """``gpus``: a whole number of GPUs (0 = CPU only), or ``"mig"`` for one MIG slice."""
+    if value is None or value == "":
+        return 0, False
+    if value == "mig":
+        return 1, True
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_GPUS_ASKED:
+        raise InvalidRequest(f"gpus must be a whole number from 0 to {MAX_GPUS_ASKED}, or 'mig'")
+    return value, False
 
 
 def parse_user_options(
@@ -194,7 +217,8 @@ def parse_user_options(
             f"unknown option(s) {', '.join(map(repr, unknown))[:200]}; "
             f"allowed: {', '.join(sorted(OPTION_KEYS))}"
         )
-    for key in OPTION_KEYS & set(options):
+    gpus, mig = parse_gpus(options.get("gpus"))
+    for key in (OPTION_KEYS - {"gpus"}) & set(options):
         if not isinstance(options[key], str):
             raise InvalidRequest(f"option {key!r} must be a string")
 
@@ -217,13 +241,13 @@ def parse_user_options(
                 f"project {name!r} already exists with type {project.type!r}; "
                 f"create a new project to use type {asked_type!r}"
             )
-        return ProjectRequest(name, project.type, new=False)
+        return ProjectRequest(name, project.type, new=False, gpus=gpus, mig=mig)
     project_type = asked_type or default_type
     if project_type not in types:
         raise InvalidRequest(
             f"unknown project type {project_type[:40]!r}; choose one of: {', '.join(types)}"
         )
-    return ProjectRequest(name, project_type, new=True)
+    return ProjectRequest(name, project_type, new=True, gpus=gpus, mig=mig)
 
 
 def options_from_form(formdata: Mapping[str, list[str]]) -> dict[str, str]:
@@ -234,6 +258,8 @@ def options_from_form(formdata: Mapping[str, list[str]]) -> dict[str, str]:
         return values[0].strip()
 
     options = {}
+    if field("gpus") not in ("", "0"):
+        options["gpus"] = field("gpus")
     choice = field("project")
     if choice == "__new__" or not choice:
         choice = field("new_project")

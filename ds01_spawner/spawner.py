@@ -20,13 +20,15 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+import docker
 import docker.errors
 from dockerspawner import DockerSpawner
 from jinja2 import Environment, PackageLoader, select_autoescape
 from jupyterhub.spawner import SpawnException
-from traitlets import Bool, Callable, Integer, List, Tuple, Unicode, default
+from traitlets import Bool, Callable, Dict, Enum, Float, Integer, List, Tuple, Unicode, default
 
 from . import labels
+from .gpus import GpuAllocator, GpuPolicy, GpuRefusal, GpuRequest, choose, gpu_labels
 from .identity import UidAllocator, UserIds, resolve_ids, user_slug
 from .images import (
     BuildError,
@@ -36,6 +38,7 @@ from .images import (
     dockerfile_digest,
     image_ref,
 )
+from .nvml import GpuInventory, GpuSlot, GpuUnavailable, NvmlInventory, SimulatedInventory
 from .projects import (
     DOCKERFILE,
     InvalidRequest,
@@ -72,6 +75,27 @@ def refusal(
     if message_html:
         e.jupyterhub_html_message = message_html
     return e
+
+
+_allocators: dict[int, GpuAllocator] = {}
+
+
+def gpu_allocator(simulated_gpus: int) -> GpuAllocator:
+    """The hub's one allocator (per inventory kind): its lock and pending list are shared."""
+    if simulated_gpus not in _allocators:
+        inventory: GpuInventory = (
+            SimulatedInventory(simulated_gpus) if simulated_gpus else NvmlInventory()
+        )
+        client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+
+        async def list_containers() -> list[dict]:
+            # own client, default thread pool: never queued behind DockerSpawner's executor
+            return await asyncio.to_thread(
+                client.containers, all=True, filters={"label": [f"{labels.GPU_UUIDS}"]}
+            )
+
+        _allocators[simulated_gpus] = GpuAllocator(inventory, list_containers)
+    return _allocators[simulated_gpus]
 
 
 # The share of the progress bar each spawn phase uses.
@@ -194,6 +218,75 @@ class DS01Spawner(DockerSpawner):
         """,
     ).tag(config=True)
 
+    # ------------------------------------------------------------ GPUs
+
+    simulated_gpus = Integer(
+        0,
+        help="""Present this many simulated GPUs instead of reading NVML (laptops, tests).
+
+        They look like real ones to the picker, the policy and the ledger, and
+        are passed to containers as environment variables only. The repo's
+        jupyterhub_config.py sets it from DS01_SIMULATED_GPUS.
+        """,
+    ).tag(config=True)
+
+    gpu_passing = Enum(
+        ["device_requests", "nvidia_runtime", "env"],
+        "device_requests",
+        help="""How assigned GPUs reach the container.
+
+        device_requests: Docker device requests for the chosen UUIDs (like
+        `--gpus device=UUID`; needs the NVIDIA Container Toolkit); nvidia_runtime:
+        `runtime=nvidia` plus NVIDIA_VISIBLE_DEVICES; env: environment variables
+        only (no isolation; for engines without NVIDIA support). All three set
+        NVIDIA_VISIBLE_DEVICES and CUDA_VISIBLE_DEVICES to the UUIDs.
+        """,
+    ).tag(config=True)
+
+    max_gpus_per_user = Float(
+        1.0,
+        help="GPU-equivalents a user may hold across all their running servers (MIG: slices/7).",
+    ).tag(config=True)
+
+    group_max_gpus = Dict(
+        value_trait=Float(),
+        help="""Per-group overrides of max_gpus_per_user, e.g. {"faculty": 2, "students": 0.5}.
+
+        The first group in this dict's order that the user belongs to wins.
+        """,
+    ).tag(config=True)
+
+    user_max_gpus = Dict(
+        value_trait=Float(),
+        help="Per-user overrides of max_gpus_per_user; they win over group_max_gpus.",
+    ).tag(config=True)
+
+    containers_per_gpu = Integer(
+        1,
+        min=1,
+        help="1: a GPU belongs to one container at a time (exclusive). N: up to N share it.",
+    ).tag(config=True)
+
+    gpus_reserved = List(
+        Unicode(),
+        help="GPUs never handed out, by index ('3', '0:1' for a MIG device) or UUID.",
+    ).tag(config=True)
+
+    offer_mig = Bool(
+        False,
+        help='Offer MIG devices of MIG-enabled GPUs (`gpus: "mig"`); whole GPUs otherwise.',
+    ).tag(config=True)
+
+    gpu_busy_memory_fraction = Float(
+        0.10,
+        help="A GPU no server holds is busy (a process outside the hub) above this memory share.",
+    ).tag(config=True)
+
+    gpu_busy_utilization = Integer(
+        10,
+        help="... or above this utilization in percent, as NVML reports it.",
+    ).tag(config=True)
+
     # DockerSpawner defaults that fit the DS01 model.
     @default("remove")
     def _default_remove(self) -> bool:
@@ -244,6 +337,30 @@ class DS01Spawner(DockerSpawner):
         return cls._builder
 
     @property
+    def gpu_allocator(self) -> GpuAllocator:
+        return gpu_allocator(self.simulated_gpus)
+
+    def gpu_limit(self) -> float:
+        """This user's GPU limit: per-user override, else first matching group, else default."""
+        if self.user.name in self.user_max_gpus:
+            return self.user_max_gpus[self.user.name]
+        groups = {g.name for g in self.user.groups}
+        for group, limit in self.group_max_gpus.items():
+            if group in groups:
+                return limit
+        return self.max_gpus_per_user
+
+    def gpu_policy(self) -> GpuPolicy:
+        return GpuPolicy(
+            max_per_user=self.gpu_limit(),
+            containers_per_gpu=self.containers_per_gpu,
+            reserved=frozenset(self.gpus_reserved),
+            offer_mig=self.offer_mig,
+            busy_memory_fraction=self.gpu_busy_memory_fraction,
+            busy_utilization=self.gpu_busy_utilization,
+        )
+
+    @property
     def store(self) -> ProjectStore:
         return ProjectStore(self.state_dir)
 
@@ -260,6 +377,8 @@ class DS01Spawner(DockerSpawner):
     _project: Project | None = None
     _ids: UserIds | None = None
     _workspace: str = ""
+    _gpus: list[GpuSlot] = []
+    _gpus_since: str = ""
     _events: list[dict[str, Any]]
     _events_changed: asyncio.Event | None = None
 
@@ -291,6 +410,7 @@ class DS01Spawner(DockerSpawner):
         super().clear_state()
         self._project = None
         self._workspace = ""
+        self._gpus = []
 
     def template_namespace(self) -> dict[str, str]:
         ns = super().template_namespace()
@@ -305,13 +425,16 @@ class DS01Spawner(DockerSpawner):
         try:
             self._request = self._validate(user_options)
         except SpawnException:
-            # the hub saved these options as the server's defaults before asking us;
-            # forget them, so a later start without options opens the last project
-            if self.orm_spawner is not None:
-                self.orm_spawner.user_options = None
-                self.db.commit()
+            self._forget_refused_options()
             raise
         self._store_user_options(self._request)
+
+    def _forget_refused_options(self) -> None:
+        """The hub saved a request's options as the server's defaults before we refused
+        it; forget them, so a later start without options is not refused again."""
+        if self.orm_spawner is not None:
+            self.orm_spawner.user_options = None
+            self.db.commit()
 
     def _store_user_options(self, request: ProjectRequest) -> None:
         """Canonical options, persisted: the admin panel's Profile column shows the project."""
@@ -406,6 +529,9 @@ class DS01Spawner(DockerSpawner):
         self._events_changed = asyncio.Event()
         try:
             return await self._start()
+        except SpawnException:
+            self._forget_refused_options()
+            raise
         finally:
             self._events_changed.set()
             self._events_changed = None
@@ -417,6 +543,9 @@ class DS01Spawner(DockerSpawner):
         ids = self._resolve_ids()
         types = self.types()
         self._emit(2, f"{'Creating' if request.new else 'Opening'} project {request.name}")
+        gpu_request = GpuRequest(self.user.name, request.name, self.name, request.gpus, request.mig)
+        if gpu_request.count:
+            await self._check_gpus(gpu_request)  # refuse early, before a long build
         project, workspace = self._open_project(request, ids, types)
         image = await self._ensure_image(project, workspace, ids)
 
@@ -424,8 +553,40 @@ class DS01Spawner(DockerSpawner):
         self._store_user_options(request)
         self.image = image  # re-renders object_name from name_template
         self.object_name = self._render_templates(self.name_template)
+        self._gpus = await self._assign_gpus(gpu_request) if gpu_request.count else []
         self._emit(_CONTAINER, f"Starting container {self.object_name}")
-        return await super().start()
+        try:
+            return await super().start()
+        finally:
+            # the container now carries the ledger labels, or it never will
+            self.gpu_allocator.settle(self.user.name, self.name)
+
+    async def _check_gpus(self, request: GpuRequest) -> None:
+        """Would `request` get GPUs now? Raise the refusal if not (nothing is held)."""
+        try:
+            allocator = self.gpu_allocator
+            choose(await allocator.slots(), await allocator.ledger(), request, self.gpu_policy())
+        except (GpuRefusal, GpuUnavailable) as e:
+            raise self._gpu_refusal(e) from None
+
+    async def _assign_gpus(self, request: GpuRequest) -> list[GpuSlot]:
+        self._gpus_since = labels.now_iso()
+        try:
+            chosen = await self.gpu_allocator.allocate(request, self.gpu_policy(), self._gpus_since)
+        except (GpuRefusal, GpuUnavailable) as e:
+            raise self._gpu_refusal(e) from None
+        for slot in chosen:
+            self._emit(_CONTAINER, f"Assigned GPU {slot.index} ({slot.name}, {slot.uuid})")
+        return chosen
+
+    def _gpu_refusal(self, e: Exception) -> SpawnException:
+        if isinstance(e, GpuUnavailable):
+            return refusal(
+                f"this server has no usable GPUs ({e}); start without a GPU",
+                reason="gpu",
+                status_code=503,
+            )
+        return refusal(f"no GPU for you right now: {e}", reason="gpu", status_code=409)
 
     def _resolve_ids(self) -> UserIds:
         try:
@@ -542,6 +703,15 @@ class DS01Spawner(DockerSpawner):
                 DS01_IMAGE=self.image,
                 DS01_WORKSPACE=self.workspace_mount,
             )
+        uuids = ",".join(s.uuid for s in self._gpus)
+        env.update(
+            # "void": a CPU-only container sees no GPU even under a default nvidia runtime
+            NVIDIA_VISIBLE_DEVICES=uuids or "void",
+            CUDA_VISIBLE_DEVICES=uuids,
+            DS01_GPU_UUIDS=uuids,
+            DS01_GPU_INDICES=",".join(s.index for s in self._gpus),
+            DS01_GPU_NAMES=",".join(s.name for s in self._gpus),
+        )
         return env
 
     def docker(self, method: str, *args: Any, **kwargs: Any) -> asyncio.Future:
@@ -564,7 +734,18 @@ class DS01Spawner(DockerSpawner):
             labels.UID: str(self._ids.uid),
             labels.STARTED_AT: labels.now_iso(),
         }
+        if self._gpus:
+            kwargs["labels"].update(gpu_labels(self._gpus, self._gpus_since))
         host = kwargs.setdefault("host_config", {})
+        host.pop("DeviceRequests", None)  # GPUs come from the ledger, never from config
+        if self._gpus and not self.simulated_gpus:
+            uuids = [s.uuid for s in self._gpus]
+            if self.gpu_passing == "device_requests":
+                host["DeviceRequests"] = [
+                    docker.types.DeviceRequest(device_ids=uuids, capabilities=[["gpu"]])
+                ]
+            elif self.gpu_passing == "nvidia_runtime":
+                host["Runtime"] = "nvidia"
         host["SecurityOpt"] = sorted({*(host.get("SecurityOpt") or []), "no-new-privileges"})
         host["CapDrop"] = ["ALL"]
         host.pop("CapAdd", None)

@@ -30,7 +30,8 @@ def free_port() -> int:
 
 
 class HubProcess:
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
+    def __init__(self, data_dir: Path, log_path: Path, **env: str) -> None:
+        self.extra_env = env
         self.data_dir = data_dir
         self.log_path = log_path
         self.port, self.hub_port, self.api_port = free_port(), free_port(), free_port()
@@ -44,6 +45,7 @@ class HubProcess:
             "DS01_DATA_DIR": str(self.data_dir),
             "DS01_BIND_URL": self.url,
             "DS01_ADMIN_USERS": "admin",
+            **self.extra_env,
         }
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(

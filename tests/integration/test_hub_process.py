@@ -18,8 +18,8 @@ def hub_process(tmp_path, engine):
     data.mkdir()
     procs: list[HubProcess] = []
 
-    def make() -> HubProcess:
-        p = HubProcess(data, tmp_path / "hub.log")
+    def make(**env: str) -> HubProcess:
+        p = HubProcess(data, tmp_path / "hub.log", **env)
         if procs:  # a restarted hub keeps its ports
             p.port, p.hub_port, p.api_port, p.url = (
                 procs[0].port,
@@ -34,7 +34,8 @@ def hub_process(tmp_path, engine):
     yield make
     for p in procs:
         p.stop()
-    remove_user_objects(engine, "researcher")
+    for user in ("researcher", "alice", "bob", "carol"):
+        remove_user_objects(engine, user)
 
 
 def containers(engine, user):
@@ -69,3 +70,31 @@ def test_killed_hub_reattaches_and_shutdown_retires(hub_process, engine):
     assert hub2.terminate() == 0  # cleanup_servers: every server is retired
     assert containers(engine, "researcher") == []
     assert engine.images.get(after.labels[labels.IMAGE]).labels[labels.PROJECT] == "thesis"
+
+
+def start(hub: HubProcess, user: str, server: str, options: dict) -> requests.Response:
+    hub.api("POST", f"users/{user}")
+    return hub.api(
+        "POST", f"users/{user}/servers/{server}", data=json.dumps({"user_options": options})
+    )
+
+
+def test_restarted_hub_never_hands_out_a_gpu_a_surviving_container_holds(hub_process, engine):
+    hub = hub_process(DS01_SIMULATED_GPUS="2")
+    hub.start()
+    assert start(hub, "alice", "train", {"gpus": 1}).status_code in (201, 202)
+    hub.wait_ready("alice", "train")
+    (held,) = containers(engine, "alice")
+    alice_gpu = held.labels[labels.GPU_UUIDS]
+
+    hub.kill()
+    hub2 = hub_process(DS01_SIMULATED_GPUS="2")
+    hub2.start()
+    assert start(hub2, "bob", "train", {"gpus": 1}).status_code in (201, 202)
+    hub2.wait_ready("bob", "train")
+    (bobs,) = containers(engine, "bob")
+    assert bobs.labels[labels.GPU_UUIDS] != alice_gpu, "the ledger was rebuilt from labels"
+
+    r = start(hub2, "carol", "train", {"gpus": 1})
+    assert r.status_code == 409 and "all 2 GPUs" in r.json()["message"]
+    assert containers(engine, "carol") == []

@@ -1,0 +1,273 @@
+"""GPU assignment: the ledger of who holds which GPU, and the choice of a free one.
+
+The ledger lives in Docker: every container that holds GPUs says so in its
+``ds01.gpu.*`` labels, so a restarted hub sees what surviving containers hold
+and a container that is gone (retired, crashed, removed behind the hub's back)
+holds nothing. `choose` is a pure function of (GPUs, ledger, request, policy);
+`GpuAllocator` wraps it in a lock and remembers the GPUs it handed out until
+the container carrying their labels exists, so concurrent spawns never get the
+same GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+from . import labels
+from .nvml import GpuInventory, GpuSlot
+
+LIVE_STATES = frozenset({"created", "running", "restarting", "paused"})
+
+
+class GpuRefusal(Exception):
+    """No GPU can be given; the message says why and what the researcher can do."""
+
+
+@dataclass(frozen=True)
+class GpuPolicy:
+    """The admin's rules for handing out GPUs (see DS01Spawner's gpu settings)."""
+
+    max_per_user: float = 1.0  # GPU-equivalents across all of a user's servers
+    containers_per_gpu: int = 1  # 1: exclusive; N: up to N containers share a GPU
+    reserved: frozenset[str] = frozenset()  # UUIDs or indices never handed out
+    offer_mig: bool = False
+    busy_memory_fraction: float = 0.10  # an unheld GPU using more is busy (outside process)
+    busy_utilization: int = 10  # ... or more than this % utilization
+
+
+@dataclass(frozen=True)
+class GpuRequest:
+    user: str
+    project: str
+    server: str
+    count: int
+    mig: bool = False
+
+
+@dataclass(frozen=True)
+class Holder:
+    """One GPU held by one (running or starting) server: a ledger entry."""
+
+    uuid: str
+    user: str
+    project: str
+    server: str
+    since: str
+    fraction: float = 1.0
+    container: str = ""
+
+
+def holders_from_containers(containers: Iterable[dict]) -> list[Holder]:
+    """The ledger as the engine records it: labels of live ds01 containers."""
+    found = []
+    for c in containers:
+        lab = c.get("Labels") or {}
+        uuids = [u for u in lab.get(labels.GPU_UUIDS, "").split(",") if u]
+        if not uuids or c.get("State", "running") not in LIVE_STATES:
+            continue
+        try:
+            total = float(lab.get(labels.GPU_EQUIVALENTS, len(uuids)))
+        except ValueError:
+            total = float(len(uuids))
+        names = c.get("Names") or [""]
+        for uuid in uuids:
+            found.append(
+                Holder(
+                    uuid=uuid,
+                    user=lab.get(labels.USER, "?"),
+                    project=lab.get(labels.PROJECT, "?"),
+                    server=lab.get(labels.SERVER_NAME, ""),
+                    since=lab.get(labels.GPU_ALLOCATED_AT, ""),
+                    fraction=total / len(uuids),
+                    container=names[0].lstrip("/"),
+                )
+            )
+    return found
+
+
+def _gpus(n: float) -> str:
+    n = round(n, 3)
+    return f"{n:g} GPU" + ("" if n == 1 else "s")
+
+
+def _busy_outside(slot: GpuSlot, policy: GpuPolicy) -> bool:
+    if slot.memory_total and slot.memory_used > policy.busy_memory_fraction * slot.memory_total:
+        return True
+    return slot.utilization is not None and slot.utilization > policy.busy_utilization
+
+
+def choose(
+    slots: list[GpuSlot], holders: list[Holder], request: GpuRequest, policy: GpuPolicy
+) -> list[GpuSlot]:
+    """The GPUs (or MIG devices) to give `request`, or GpuRefusal saying why not.
+
+    Among free ones, the least loaded first: most free memory, then lowest
+    utilization as NVML reports them. A GPU no ds01 server holds but that a
+    process outside the hub is using (memory or utilization over the policy's
+    thresholds) is not free.
+    """
+    if request.count <= 0:
+        return []
+    if request.mig and not policy.offer_mig:
+        raise GpuRefusal("MIG slices are not offered on this server; ask for whole GPUs")
+    # entries of this very server are about to be replaced, not competing
+    holders = [h for h in holders if (h.user, h.server) != (request.user, request.server)]
+    mine = [h for h in holders if h.user == request.user]
+    used = sum(h.fraction for h in mine)
+
+    kind = [s for s in slots if s.is_mig == request.mig]
+    usable = [s for s in kind if s.uuid not in policy.reserved and s.index not in policy.reserved]
+    noun = "MIG slices" if request.mig else "GPUs"
+    if not usable:
+        raise GpuRefusal(f"this server has no {noun} to hand out; start without a GPU")
+
+    held = Counter(h.uuid for h in holders)
+    free, outside = [], 0
+    for s in usable:
+        if held[s.uuid] >= policy.containers_per_gpu:
+            continue
+        if held[s.uuid] == 0 and _busy_outside(s, policy):
+            outside += 1
+            continue
+        free.append(s)
+    free.sort(key=lambda s: (held[s.uuid], -s.memory_free, s.utilization or 0, s.index))
+
+    asked = sum(s.fraction for s in free[: request.count]) if request.mig else request.count
+    if used + asked > policy.max_per_user + 1e-9:
+        projects = sorted({f"{h.project!r}" for h in mine})
+        holding = (
+            f"; {' and '.join(projects)} hold{'s' if len(projects) == 1 else ''} {_gpus(used)}"
+            if mine
+            else ""
+        )
+        raise GpuRefusal(
+            f"your limit is {_gpus(policy.max_per_user)}{holding}: "
+            f"asking for {_gpus(asked)} more would exceed it. "
+            + ("Stop a project holding a GPU, or start this one without a GPU." if mine else "")
+        )
+    if len(free) < request.count:
+        in_use = len(usable) - len(free) - outside
+        parts = [f"{in_use} held by running servers"] if in_use else []
+        if outside:
+            parts.append(f"{outside} busy with work outside the hub")
+        have = f"only {len(free)} of" if free else "all"
+        raise GpuRefusal(
+            f"{have} {len(usable)} {noun} are free ({', '.join(parts) or 'none usable'}); "
+            f"you asked for {request.count}. A GPU frees up as soon as a server holding "
+            "one stops: try again later, ask for fewer, or start without a GPU."
+        )
+    return free[: request.count]
+
+
+@dataclass
+class GpuAllocator:
+    """Race-free assignment: choose under a lock, count handed-out GPUs until labelled.
+
+    `list_containers` returns the engine's ds01 containers (docker API dicts);
+    it is read on every decision, so the ledger is never stale.
+    """
+
+    inventory: GpuInventory
+    list_containers: Callable[[], Awaitable[list[dict]]]
+    _pending: dict[tuple[str, str], list[Holder]] = field(default_factory=dict)
+    _lock: asyncio.Lock | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def _guard(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._loop is not loop:  # one hub, one loop (tests run many)
+            self._lock, self._loop = asyncio.Lock(), loop
+        return self._lock
+
+    async def ledger(self) -> list[Holder]:
+        pending = [h for entries in self._pending.values() for h in entries]
+        claimed = set(self._pending)
+        engine = [
+            h
+            for h in holders_from_containers(await self.list_containers())
+            if (h.user, h.server) not in claimed
+        ]
+        return engine + pending
+
+    async def slots(self) -> list[GpuSlot]:
+        return await asyncio.to_thread(self.inventory.read)
+
+    async def allocate(self, request: GpuRequest, policy: GpuPolicy, since: str) -> list[GpuSlot]:
+        async with self._guard():
+            slots = await self.slots()
+            chosen = choose(slots, await self.ledger(), request, policy)
+            if chosen:
+                self._pending[(request.user, request.server)] = [
+                    Holder(
+                        s.uuid,
+                        request.user,
+                        request.project,
+                        request.server,
+                        since,
+                        s.fraction,
+                        "(starting)",
+                    )
+                    for s in chosen
+                ]
+            return chosen
+
+    def settle(self, user: str, server: str) -> None:
+        """The server's container now carries the labels (or will never exist)."""
+        self._pending.pop((user, server), None)
+
+
+def gpu_labels(slots: list[GpuSlot], since: str) -> dict[str, str]:
+    return {
+        labels.GPU_UUIDS: ",".join(s.uuid for s in slots),
+        labels.GPU_INDICES: ",".join(s.index for s in slots),
+        labels.GPU_EQUIVALENTS: f"{sum(s.fraction for s in slots):g}",
+        labels.GPU_ALLOCATED_AT: since,
+    }
+
+
+def _holder_row(h: Holder) -> dict:
+    return {
+        "user": h.user,
+        "project": h.project,
+        "server": h.server,
+        "since": h.since,
+        "container": h.container,
+    }
+
+
+def gpu_report(slots: list[GpuSlot], holders: list[Holder]) -> list[dict]:
+    """Who holds which GPU, with what NVML says of it now: the admin view's rows."""
+    by_uuid: dict[str, list[Holder]] = {}
+    for h in holders:
+        by_uuid.setdefault(h.uuid, []).append(h)
+    rows = [
+        {
+            "index": s.index,
+            "uuid": s.uuid,
+            "name": s.name,
+            "mig": s.is_mig,
+            "memory_used": s.memory_used,
+            "memory_total": s.memory_total,
+            "utilization": s.utilization,
+            "holders": [_holder_row(h) for h in by_uuid.pop(s.uuid, [])],
+        }
+        for s in slots
+    ]
+    # held, but no longer in the inventory (a GPU that fell off the bus, reserved later, ...)
+    rows += [
+        {
+            "index": "?",
+            "uuid": uuid,
+            "name": "not in inventory",
+            "mig": False,
+            "memory_used": None,
+            "memory_total": None,
+            "utilization": None,
+            "holders": [_holder_row(h) for h in hs],
+        }
+        for uuid, hs in by_uuid.items()
+    ]
+    return rows
