@@ -475,18 +475,40 @@ class DS01Spawner(DockerSpawner):
 
     async def render_options_form(self) -> str:
         projects = self.store.list(self.user_slug)
-        by_name = {p.name: p for p in projects}
-        if self.name and self.name in by_name:
-            return ""  # a named server's project is fixed: nothing to pick
-        built = await self._built_projects()
+        fixed = bool(self.name) and self.name in {p.name for p in projects}
+        gpus = await self._gpu_choices()
+        if fixed and not gpus["max"]:
+            return ""  # a named server's project is fixed and there is nothing else to pick
         return _templates.get_template("options_form.html").render(
             projects=projects,
-            built=built,
+            built=await self._built_projects(),
             types=self.types(),
             default_type=self.default_project_type,
             server_name=self.name,
+            fixed_project=fixed,
             selected=projects[0].name if projects else "__new__",
+            gpus=gpus,
         )
+
+    async def _gpu_choices(self) -> dict[str, Any]:
+        """What the picker offers: up to `max` whole GPUs, MIG, and how many are free now."""
+        limit = self.gpu_limit()
+        if limit <= 0:
+            return {"max": 0, "mig": False, "note": ""}
+        allocator = self.gpu_allocator
+        try:
+            slots = await allocator.slots()
+        except GpuUnavailable:
+            return {"max": 0, "mig": False, "note": "This server has no usable GPUs."}
+        ledger = await allocator.ledger()
+        whole = [s for s in slots if not s.is_mig and s.uuid not in set(self.gpus_reserved)]
+        held = {h.uuid for h in ledger}
+        free = sum(s.uuid not in held for s in whole)
+        return {
+            "max": min(int(limit), len(whole)),
+            "mig": self.offer_mig and any(s.is_mig for s in slots),
+            "note": f"{free} of {len(whole)} GPUs free right now; your limit is {limit:g}.",
+        }
 
     async def _built_projects(self) -> dict[str, str]:
         """project -> creation time of its image, for this user."""

@@ -82,3 +82,26 @@ async def test_named_server_with_existing_project_skips_the_picker(hub):
     r = await get_page(f"spawn/{user}/thesis", h.app, cookies=cookies, allow_redirects=False)
     assert r.status_code == 302, "no form: the server starts its project straight away"
     await h.wait_ready(user, "thesis")
+
+
+async def test_picker_offers_gpus_up_to_the_limit_and_starts_with_one(hub):
+    h = await hub(simulated_gpus=4, max_gpus_per_user=2.0)
+    user = h.new_user()
+    cookies = await h.app.login_user(user)
+    page = (await get_page(f"spawn/{user}", h.app, cookies=cookies)).text
+    assert '<option value="2">2 GPUs</option>' in page
+    assert '<option value="3">' not in page, "never more than the user's limit"
+    assert "4 of 4 GPUs free right now" in page
+
+    r = await post_form(
+        h,
+        user,
+        cookies,
+        {"project": "__new__", "new_project": "train", "type": "base", "gpus": "1"},
+    )
+    assert r.status_code == 302, r.text
+    await h.wait_ready(user)
+    c = h.container(user, "train")
+    assert c.labels["ds01.gpu.uuids"].startswith("GPU-")
+    page = (await get_page(f"spawn/{user}/second", h.app, cookies=cookies)).text
+    assert "3 of 4 GPUs free right now" in page
