@@ -22,7 +22,6 @@ here = Path(__file__).resolve().parent
 data = Path(os.environ.get("DS01_DATA_DIR", "/srv/ds01"))
 data.mkdir(parents=True, exist_ok=True)
 
-configure(c)
 c.JupyterHub.bind_url = os.environ.get("DS01_BIND_URL", "http://127.0.0.1:8000")
 c.JupyterHub.db_url = f"sqlite:///{data / 'jupyterhub.sqlite'}"
 c.JupyterHub.cookie_secret_file = str(data / "jupyterhub_cookie_secret")
@@ -42,9 +41,8 @@ if os.environ.get("DS01_SHARED_PASSWORD"):
     c.SharedPasswordAuthenticator.allow_all = True
 else:
     c.JupyterHub.authenticator_class = "dummy"
-c.Authenticator.admin_users = {
-    u.strip() for u in os.environ.get("DS01_ADMIN_USERS", "admin").split(",") if u.strip()
-}
+admins = {u.strip() for u in os.environ.get("DS01_ADMIN_USERS", "admin").split(",") if u.strip()}
+c.Authenticator.admin_users = admins
 
 # --- ds01 ----------------------------------------------------------------------
 c.DS01Spawner.workspace_root = str(data / "workspaces")
@@ -52,5 +50,11 @@ c.DS01Spawner.state_dir = str(data / "state")
 c.DS01Spawner.project_types_dir = str(here / "images" / "types")
 c.DS01Spawner.base_image = "ds01/singleuser:latest"
 
-# GPUs: NVML by default; DS01_SIMULATED_GPUS=N presents N pretend GPUs (passed as env only)
-c.DS01Spawner.simulated_gpus = int(os.environ.get("DS01_SIMULATED_GPUS", "0"))
+# spawner class, hub networking, the ds01 service (GPU view) and its roles.
+# GPUs: NVML by default; DS01_SIMULATED_GPUS=N presents N pretend GPUs (passed as env only).
+configure(
+    c,
+    admin_users=admins,
+    simulated_gpus=int(os.environ.get("DS01_SIMULATED_GPUS", "0")),
+    service_port=int(os.environ.get("DS01_SERVICE_PORT", "10101")),
+)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import sys
+from collections.abc import Iterable
 from typing import Any
 
 import docker
 import docker.errors
+
+ADMIN_SCOPE = "custom:ds01:admin"
 
 
 def docker_bridge_ip(network: str = "bridge", fallback: str = "172.17.0.1") -> str:
@@ -30,14 +34,62 @@ def docker_bridge_ip(network: str = "bridge", fallback: str = "172.17.0.1") -> s
     return fallback
 
 
-def configure(c: Any, *, network: str = "bridge") -> None:
-    """Use DS01Spawner and make the hub API reachable from its containers.
+def configure(
+    c: Any,
+    *,
+    admin_users: Iterable[str] = (),
+    simulated_gpus: int = 0,
+    network: str = "bridge",
+    service_port: int = 10101,
+) -> None:
+    """Use DS01Spawner, reach the hub from its containers, and run the ds01 service.
 
-    The hub listens on the Docker network's gateway address only (not on every
-    interface), and single-user servers connect to it there.
+    - the hub listens on the Docker network's gateway address only (not on every
+      interface), and single-user servers connect to it there;
+    - the ``ds01`` managed service runs at /services/ds01/, listed in the hub's
+      Services menu; every user may sign in to it, and `admin_users` get the
+      ``custom:ds01:admin`` scope for its admin views (grant the ``ds01-admin``
+      role to more users or groups in your own load_roles);
+    - `simulated_gpus` > 0 presents that many pretend GPUs, to spawner and service.
     """
     ip = docker_bridge_ip(network)
     c.JupyterHub.spawner_class = "ds01"
     c.JupyterHub.hub_ip = ip
     c.JupyterHub.hub_connect_ip = ip
     c.DockerSpawner.network_name = network
+    c.DS01Spawner.simulated_gpus = simulated_gpus
+
+    c.JupyterHub.custom_scopes = {
+        **_get(c.JupyterHub, "custom_scopes", {}),
+        ADMIN_SCOPE: {"description": "See and manage every user's ds01 projects, images and GPUs."},
+    }
+    c.JupyterHub.services = [
+        *_get(c.JupyterHub, "services", []),
+        {
+            "name": "ds01",
+            "display": True,
+            "info": {"description": "ds01: GPUs, and soon your project images"},
+            "url": f"http://127.0.0.1:{service_port}",
+            "command": [sys.executable, "-m", "ds01_spawner.service"],
+            "environment": {"DS01_SIMULATED_GPUS": str(simulated_gpus)},
+            "oauth_no_confirm": True,
+            # what a user's token for the service may carry: access, and the admin scope
+            "oauth_client_allowed_scopes": [ADMIN_SCOPE],
+        },
+    ]
+    c.JupyterHub.load_roles = [
+        *_get(c.JupyterHub, "load_roles", []),
+        # everyone may sign in to the service (its pages check finer rights)
+        {"name": "user", "scopes": ["self", "access:services!service=ds01"]},
+        {
+            "name": "ds01-admin",
+            "description": "ds01 admin views: every user's GPUs and images",
+            "scopes": [ADMIN_SCOPE, "access:services!service=ds01"],
+            "users": sorted(admin_users),
+        },
+    ]
+
+
+def _get(section: Any, name: str, fallback: Any) -> Any:
+    """A config value if it was set, else `fallback` (config sections return empty stand-ins)."""
+    return section.get(name, fallback)

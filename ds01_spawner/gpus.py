@@ -16,8 +16,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
+import docker
+
 from . import labels
-from .nvml import GpuInventory, GpuSlot
+from .nvml import GpuInventory, GpuSlot, NvmlInventory, SimulatedInventory
 
 LIVE_STATES = frozenset({"created", "running", "restarting", "paused"})
 
@@ -217,6 +219,30 @@ class GpuAllocator:
     def settle(self, user: str, server: str) -> None:
         """The server's container now carries the labels (or will never exist)."""
         self._pending.pop((user, server), None)
+
+
+_allocators: dict[int, GpuAllocator] = {}
+
+
+def gpu_allocator(simulated_gpus: int = 0) -> GpuAllocator:
+    """This process's allocator over NVML (or N simulated GPUs) and the engine's ledger.
+
+    One per process, so every spawn shares its lock and its pending list.
+    """
+    if simulated_gpus not in _allocators:
+        inventory: GpuInventory = (
+            SimulatedInventory(simulated_gpus) if simulated_gpus else NvmlInventory()
+        )
+        client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+
+        async def list_containers() -> list[dict]:
+            # own client on the default thread pool: never queued behind DockerSpawner's executor
+            return await asyncio.to_thread(
+                client.containers, all=True, filters={"label": [labels.GPU_UUIDS]}
+            )
+
+        _allocators[simulated_gpus] = GpuAllocator(inventory, list_containers)
+    return _allocators[simulated_gpus]
 
 
 def gpu_labels(slots: list[GpuSlot], since: str) -> dict[str, str]:

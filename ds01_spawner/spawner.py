@@ -28,7 +28,15 @@ from jupyterhub.spawner import SpawnException
 from traitlets import Bool, Callable, Dict, Enum, Float, Integer, List, Tuple, Unicode, default
 
 from . import labels
-from .gpus import GpuAllocator, GpuPolicy, GpuRefusal, GpuRequest, choose, gpu_labels
+from .gpus import (
+    GpuAllocator,
+    GpuPolicy,
+    GpuRefusal,
+    GpuRequest,
+    choose,
+    gpu_allocator,
+    gpu_labels,
+)
 from .identity import UidAllocator, UserIds, resolve_ids, user_slug
 from .images import (
     BuildError,
@@ -38,7 +46,7 @@ from .images import (
     dockerfile_digest,
     image_ref,
 )
-from .nvml import GpuInventory, GpuSlot, GpuUnavailable, NvmlInventory, SimulatedInventory
+from .nvml import GpuSlot, GpuUnavailable
 from .projects import (
     DOCKERFILE,
     InvalidRequest,
@@ -75,27 +83,6 @@ def refusal(
     if message_html:
         e.jupyterhub_html_message = message_html
     return e
-
-
-_allocators: dict[int, GpuAllocator] = {}
-
-
-def gpu_allocator(simulated_gpus: int) -> GpuAllocator:
-    """The hub's one allocator (per inventory kind): its lock and pending list are shared."""
-    if simulated_gpus not in _allocators:
-        inventory: GpuInventory = (
-            SimulatedInventory(simulated_gpus) if simulated_gpus else NvmlInventory()
-        )
-        client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
-
-        async def list_containers() -> list[dict]:
-            # own client, default thread pool: never queued behind DockerSpawner's executor
-            return await asyncio.to_thread(
-                client.containers, all=True, filters={"label": [f"{labels.GPU_UUIDS}"]}
-            )
-
-        _allocators[simulated_gpus] = GpuAllocator(inventory, list_containers)
-    return _allocators[simulated_gpus]
 
 
 # The share of the progress bar each spawn phase uses.

@@ -35,6 +35,7 @@ class HubProcess:
         self.data_dir = data_dir
         self.log_path = log_path
         self.port, self.hub_port, self.api_port = free_port(), free_port(), free_port()
+        self.service_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.token: str | None = None
@@ -45,6 +46,7 @@ class HubProcess:
             "DS01_DATA_DIR": str(self.data_dir),
             "DS01_BIND_URL": self.url,
             "DS01_ADMIN_USERS": "admin",
+            "DS01_SERVICE_PORT": str(self.service_port),
             **self.extra_env,
         }
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor

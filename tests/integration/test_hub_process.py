@@ -98,3 +98,30 @@ def test_restarted_hub_never_hands_out_a_gpu_a_surviving_container_holds(hub_pro
     r = start(hub2, "carol", "train", {"gpus": 1})
     assert r.status_code == 409 and "all 2 GPUs" in r.json()["message"]
     assert containers(engine, "carol") == []
+
+
+def test_admin_sees_who_holds_which_gpu_in_the_ds01_service(hub_process, engine):
+    hub = hub_process(DS01_SIMULATED_GPUS="2")
+    hub.start()
+    assert start(hub, "alice", "train", {"gpus": 1}).status_code in (201, 202)
+    hub.wait_ready("alice", "train")
+    (held,) = containers(engine, "alice")
+
+    admin = hub.login("admin")
+    r = admin.get(f"{hub.url}/services/ds01/api/gpus", timeout=30)  # OAuth through the hub
+    assert r.status_code == 200, r.text
+    rows = {g["uuid"]: g for g in r.json()["gpus"]}
+    assert len(rows) == 2
+    holder = rows[held.labels[labels.GPU_UUIDS]]["holders"]
+    assert [(h["user"], h["project"]) for h in holder] == [("alice", "train")]
+    assert holder[0]["since"] == held.labels[labels.GPU_ALLOCATED_AT]
+    page = admin.get(f"{hub.url}/services/ds01/gpus", timeout=30)
+    assert page.status_code == 200 and "alice" in page.text and "free" in page.text
+
+    researcher = hub.login("bob")
+    r = researcher.get(f"{hub.url}/services/ds01/api/gpus", timeout=30)
+    assert r.status_code == 403 and "custom:ds01:admin" in r.json()["message"]
+    assert researcher.get(f"{hub.url}/services/ds01/", timeout=30).status_code == 200
+
+    services = hub.api("GET", "services").json()
+    assert services["ds01"]["display"] is True
