@@ -126,14 +126,14 @@ async def test_no_nvml_cpu_projects_spawn_gpu_requests_refused(hub, monkeypatch)
 
 
 async def test_real_nvml_path_skips_a_gpu_busy_outside_the_hub(hub, monkeypatch):
-    gpus = a100s(2)
-    gpus[0].memory_used, gpus[0].utilization = 30 * GIB, 88  # someone's job outside the hub
-    FakeNvml(gpus).install(monkeypatch)
+    fakes = a100s(2)
+    fakes[0].memory_used, fakes[0].utilization = 30 * GIB, 88  # someone's job outside the hub
+    FakeNvml(fakes).install(monkeypatch)
     monkeypatch.setattr(gpus, "_allocators", {})
     h = await hub(gpu_passing="env")
     alice, bob = h.new_user(), h.new_user()
     await h.start(alice, "train", {"gpus": 1})
-    assert gpu_of(h.container(alice, "train")) == gpus[1].uuid
+    assert gpu_of(h.container(alice, "train")) == fakes[1].uuid
     r = await h.request_start(bob, "train", {"gpus": 1})
     assert r.status_code == 409
     assert "1 busy with work outside the hub" in r.json()["message"]
