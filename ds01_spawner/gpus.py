@@ -101,6 +101,11 @@ def _busy_outside(slot: GpuSlot, policy: GpuPolicy) -> bool:
     return slot.utilization is not None and slot.utilization > policy.busy_utilization
 
 
+def _index_key(slot: GpuSlot) -> tuple[int, ...]:
+    """'10' after '2', '1:3' after '1:2': indices compare as numbers."""
+    return tuple(int(part) for part in slot.index.split(":") if part.isdigit())
+
+
 def choose(
     slots: list[GpuSlot], holders: list[Holder], request: GpuRequest, policy: GpuPolicy
 ) -> list[GpuSlot]:
@@ -135,7 +140,7 @@ def choose(
             outside += 1
             continue
         free.append(s)
-    free.sort(key=lambda s: (held[s.uuid], -s.memory_free, s.utilization or 0, s.index))
+    free.sort(key=lambda s: (held[s.uuid], -s.memory_free, s.utilization or 0, _index_key(s)))
 
     asked = sum(s.fraction for s in free[: request.count]) if request.mig else request.count
     if used + asked > policy.max_per_user + 1e-9:
@@ -145,21 +150,26 @@ def choose(
             if mine
             else ""
         )
+        advice = " Stop a project holding a GPU, or start this one without a GPU." if mine else ""
         raise GpuRefusal(
             f"your limit is {_gpus(policy.max_per_user)}{holding}: "
-            f"asking for {_gpus(asked)} more would exceed it. "
-            + ("Stop a project holding a GPU, or start this one without a GPU." if mine else "")
+            f"asking for {_gpus(asked)} more would exceed it.{advice}"
         )
     if len(free) < request.count:
         in_use = len(usable) - len(free) - outside
         parts = [f"{in_use} held by running servers"] if in_use else []
         if outside:
             parts.append(f"{outside} busy with work outside the hub")
-        have = f"only {len(free)} of" if free else "all"
+        if free:
+            have = (
+                f"only {len(free)} of {len(usable)} {noun} {'is' if len(free) == 1 else 'are'} free"
+            )
+        else:
+            have = f"all {len(usable)} {noun} are in use"
         raise GpuRefusal(
-            f"{have} {len(usable)} {noun} are free ({', '.join(parts) or 'none usable'}); "
-            f"you asked for {request.count}. A GPU frees up as soon as a server holding "
-            "one stops: try again later, ask for fewer, or start without a GPU."
+            f"{have} ({', '.join(parts)}); you asked for {request.count}. A GPU frees up "
+            "as soon as a server holding one stops: try again later, ask for fewer, "
+            "or start without a GPU."
         )
     return free[: request.count]
 

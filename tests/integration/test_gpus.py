@@ -56,7 +56,7 @@ async def test_concurrent_spawns_never_share_a_gpu(hub):
     codes = sorted(r.status_code for r in responses)
     refused = [r for r in responses if r.status_code == 409]
     assert len(refused) == 6, codes
-    assert all("GPUs are free" in r.json()["message"] for r in refused)
+    assert all("all 2 GPUs are in use" in r.json()["message"] for r in refused)
     winners = [u for u, r in zip(users, responses, strict=True) if r.status_code in (201, 202)]
     for u in winners:
         await h.wait_ready(u, "storm")
