@@ -40,6 +40,7 @@ from .gpus import (
 from .identity import UidAllocator, UserIds, resolve_ids, user_slug
 from .images import (
     BuildError,
+    BuildRecords,
     BuildSpec,
     ImageBuilder,
     default_client,
@@ -148,6 +149,15 @@ class DS01Spawner(DockerSpawner):
 
         `images/build` makes ds01/singleuser:latest locally; on a server with a
         registry, any jupyterhub-singleuser image works.
+        """,
+    ).tag(config=True)
+
+    build_args = Dict(
+        value_trait=Unicode(),
+        help="""Extra build arguments for every project build.
+
+        E.g. {"PIP_INDEX_URL": "https://pypi.lab.example/simple"} for a lab
+        package mirror: the project templates declare `ARG PIP_INDEX_URL`.
         """,
     ).tag(config=True)
 
@@ -313,15 +323,20 @@ class DS01Spawner(DockerSpawner):
 
     # ------------------------------------------------------------ shared objects
 
-    _builder: ClassVar[ImageBuilder | None] = None
+    _builders: ClassVar[dict[tuple[str, int], ImageBuilder]] = {}
 
     @property
     def builder(self) -> ImageBuilder:
-        cls = type(self)
-        if cls._builder is None:
+        """The hub's build pool (one per state_dir and size: shared by every spawner)."""
+        key = (self.state_dir, self.max_concurrent_builds)
+        if key not in self._builders:
             timeout = self.build_timeout
-            cls._builder = ImageBuilder(self.max_concurrent_builds, lambda: default_client(timeout))
-        return cls._builder
+            self._builders[key] = ImageBuilder(
+                self.max_concurrent_builds,
+                lambda: default_client(timeout),
+                BuildRecords(self.state_dir),
+            )
+        return self._builders[key]
 
     @property
     def gpu_allocator(self) -> GpuAllocator:
@@ -661,7 +676,7 @@ class DS01Spawner(DockerSpawner):
                 **labels.project_labels(self.user.name, project.name, project.type),
                 labels.DOCKERFILE_SHA256: dockerfile_digest(dockerfile),
             },
-            buildargs={"BASE_IMAGE": self.base_image},
+            buildargs={**self.build_args, "BASE_IMAGE": self.base_image},
             network_mode=self.build_network_mode,
         )
         self._emit(_BUILD_START, f"Building image {ref} (first start of this project)")
@@ -689,10 +704,28 @@ class DS01Spawner(DockerSpawner):
         return ref
 
     async def stop(self, now: bool = False) -> None:
-        """Retire: remove the container; the workspace and the image stay."""
+        """Retire: remove the container; the workspace and the image stay.
+
+        Returns only once the container is gone: Docker removes an auto-removed
+        container in the background, and a quick restart would otherwise clash
+        with the old name (and its GPU would still look held).
+        """
         project = self._project.name if self._project else "?"
+        container = self.object_id
         await super().stop(now=now)
+        if container:
+            await self._wait_gone(container)
         self.log.info("Retired %s (project %s) of %s", self.object_name, project, self.user.name)
+
+    async def _wait_gone(self, container: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                await self.docker("inspect_container", container)
+            except docker.errors.NotFound:
+                return
+            await asyncio.sleep(0.1)
+        self.log.warning("Container %s still exists %ss after its removal", container[:12], timeout)
 
     # ------------------------------------------------------------ container spec
 

@@ -56,7 +56,10 @@ def hub_config(dirs: dict[str, str], **spawner: object) -> dict:
             "hub_ip": ip,
             "hub_connect_ip": ip,
             "allow_named_servers": True,
+            # per-test files: a hub started elsewhere in this checkout never stops our proxy
+            "cookie_secret_file": str(Path(dirs["state_dir"]).parent / "cookie_secret"),
         },
+        "ConfigurableHTTPProxy": {"pid_file": str(Path(dirs["state_dir"]).parent / "proxy.pid")},
         "DS01Spawner": {
             "project_types_dir": str(REPO / "images" / "types"),
             "start_timeout": 300,
