@@ -9,6 +9,8 @@ Environment knobs:
   DS01_ADMIN_USERS      comma-separated admin users             (admin)
   DS01_SHARED_PASSWORD  if set, everyone logs in with this password (8+ chars)
   DS01_SIMULATED_GPUS   present N simulated GPUs instead of reading NVML   (0)
+  DS01_PIP_INDEX_URL    a lab package mirror for image builds             (unset: PyPI)
+  DS01_BUILD_NETWORK    network mode of image builds, e.g. host           (unset: default)
 """
 
 import os
@@ -49,6 +51,10 @@ c.DS01Spawner.workspace_root = str(data / "workspaces")
 c.DS01Spawner.state_dir = str(data / "state")
 c.DS01Spawner.project_types_dir = str(here / "images" / "types")
 c.DS01Spawner.base_image = "ds01/singleuser:latest"
+if os.environ.get("DS01_PIP_INDEX_URL"):
+    c.DS01Spawner.build_args = {"PIP_INDEX_URL": os.environ["DS01_PIP_INDEX_URL"]}
+if os.environ.get("DS01_BUILD_NETWORK"):
+    c.DS01Spawner.build_network_mode = os.environ["DS01_BUILD_NETWORK"]
 
 # spawner class, hub networking, the ds01 service (GPU view) and its roles.
 # GPUs: NVML by default; DS01_SIMULATED_GPUS=N presents N pretend GPUs (passed as env only).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -51,6 +52,9 @@ def configure(
       ``custom:ds01:admin`` scope for its admin views (grant the ``ds01-admin``
       role to more users or groups in your own load_roles);
     - `simulated_gpus` > 0 presents that many pretend GPUs, to spawner and service.
+
+    Call it after your own ``c.DS01Spawner`` settings: the service is given the
+    same workspace, state and build settings.
     """
     ip = docker_bridge_ip(network)
     c.JupyterHub.spawner_class = "ds01"
@@ -71,7 +75,10 @@ def configure(
             "info": {"description": "ds01: GPUs, and soon your project images"},
             "url": f"http://127.0.0.1:{service_port}",
             "command": [sys.executable, "-m", "ds01_spawner.service"],
-            "environment": {"DS01_SIMULATED_GPUS": str(simulated_gpus)},
+            "environment": {
+                "DS01_SIMULATED_GPUS": str(simulated_gpus),
+                "DS01_SERVICE_SETTINGS": json.dumps(_shared_settings(c)),
+            },
             "oauth_no_confirm": True,
             # what a user's token for the service may carry: access, and the admin scope
             "oauth_client_allowed_scopes": [ADMIN_SCOPE],
@@ -81,6 +88,13 @@ def configure(
         *_get(c.JupyterHub, "load_roles", []),
         # everyone may sign in to the service (its pages check finer rights)
         {"name": "user", "scopes": ["self", "access:services!service=ds01"]},
+        # the service itself: stop and start servers for "restart into new image"
+        {
+            "name": "ds01-service",
+            "description": "the ds01 service restarts servers on a rebuilt image",
+            "scopes": ["servers", "read:servers"],
+            "services": ["ds01"],
+        },
         {
             "name": "ds01-admin",
             "description": "ds01 admin views: every user's GPUs and images",
@@ -88,6 +102,24 @@ def configure(
             "users": sorted(admin_users),
         },
     ]
+
+
+_SHARED = (
+    "workspace_root",
+    "workspace_template",
+    "state_dir",
+    "base_image",
+    "build_network_mode",
+    "max_concurrent_builds",
+    "build_timeout",
+    "build_args",
+)
+
+
+def _shared_settings(c: Any) -> dict[str, Any]:
+    """The DS01Spawner settings the service must agree on (it reads them as DS01Service's)."""
+    spawner = c.DS01Spawner
+    return {name: spawner[name] for name in _SHARED if name in spawner}
 
 
 def _get(section: Any, name: str, fallback: Any) -> Any:

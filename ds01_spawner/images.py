@@ -11,13 +11,18 @@ of readers can follow, like BinderHub's build events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import io
+import json
+import os
 import re
 import tarfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import docker
 import docker.errors
@@ -142,13 +147,14 @@ class Build:
         self.done = asyncio.Event()
         self._loop = loop
         self._changed = asyncio.Event()
-        self._step = (0, 0)
+        self.error_pending: BuildError | None = None
 
     # -- called from the build thread
     def publish(self, event: BuildEvent) -> None:
         self._loop.call_soon_threadsafe(self._append, event)
 
     def finish(self, image_id: str | None, error: BuildError | None) -> None:
+        self.error_pending = error  # readable from the build thread at once
         self._loop.call_soon_threadsafe(self._finish, image_id, error)
 
     # -- on the event loop
@@ -191,6 +197,60 @@ class Build:
 ClientFactory = Callable[[], docker.APIClient]
 
 
+class BuildRecords:
+    """The last build of each image, on disk, shared by every process that builds.
+
+    Each image has a lock file held for the whole build, so two processes (the
+    hub building on first spawn, the image page rebuilding) never build the same
+    image at once, and a record still saying "running" whose lock nobody holds
+    was interrupted (its process died); a build that never finished never
+    tagged anything, so the previous image is intact.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(state_dir) / "builds"
+
+    def _path(self, image: str, suffix: str) -> Path:
+        return self.root / (image.replace("/", "__").replace(":", "--") + suffix)
+
+    @contextlib.contextmanager
+    def hold(self, image: str) -> Iterator[bool]:
+        """Hold `image`'s build lock for the block; yields False if someone else has it."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self._path(image, ".lock"), "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def write(self, image: str, **fields: object) -> None:
+        record = {**(self.read(image) or {}), "image": image, **fields}
+        if fields.get("status") == "running":
+            for stale in ("finished", "error", "log_tail"):
+                record.pop(stale, None)
+        path = self._path(image, ".json")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+
+    def read(self, image: str) -> dict | None:
+        """The last build's record; status "interrupted" if it says running but nobody is."""
+        try:
+            record = json.loads(self._path(image, ".json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if record.get("status") == "running":
+            with self.hold(image) as free:
+                if free:
+                    record["status"] = "interrupted"
+        return record
+
+
 def default_client(timeout: int) -> docker.APIClient:
     return docker.APIClient(version="auto", timeout=timeout, **docker.utils.kwargs_from_env())
 
@@ -202,11 +262,17 @@ class ImageBuilder:
     so a second spawn (or page) follows the same log instead of racing it.
     """
 
-    def __init__(self, max_concurrent: int, client_factory: ClientFactory) -> None:
+    def __init__(
+        self,
+        max_concurrent: int,
+        client_factory: ClientFactory,
+        records: BuildRecords | None = None,
+    ) -> None:
         self.max_concurrent = max_concurrent
         self._executor = ThreadPoolExecutor(max_concurrent, thread_name_prefix="ds01-build")
         self._client_factory = client_factory
         self._running: dict[str, Build] = {}
+        self.records = records
 
     def running(self) -> list[Build]:
         return list(self._running.values())
@@ -231,6 +297,30 @@ class ImageBuilder:
             del self._running[build.spec.image]
 
     def _run(self, build: Build) -> None:
+        if self.records is None:
+            self._run_unrecorded(build)
+            return
+        with self.records.hold(build.spec.image) as held:
+            if not held:
+                err = BuildError(
+                    f"{build.spec.image} is already being built elsewhere (the hub or the "
+                    "image page); wait for that build to finish",
+                    [],
+                )
+                build.publish(BuildEvent("failed", str(err), 100))
+                build.finish(None, err)
+                return
+            self.records.write(build.spec.image, status="running", started=labels.now_iso())
+            self._run_unrecorded(build)
+            self.records.write(
+                build.spec.image,
+                status="failed" if build.error_pending else "succeeded",
+                finished=labels.now_iso(),
+                error=str(build.error_pending or ""),
+                log_tail=build.log_lines[-40:],
+            )
+
+    def _run_unrecorded(self, build: Build) -> None:
         try:
             image_id = self._build(build)
         except BuildError as e:

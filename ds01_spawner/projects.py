@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .identity import UserIds
+from .identity import UserIds, user_slug
 
 # JupyterHub's own rules for named servers, so a project name is a server name.
 PROJECT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,29}$")
@@ -127,6 +127,10 @@ class ProjectStore:
             except (OSError, ValueError, TypeError):
                 continue
         return sorted(projects, key=lambda p: (-p.last_used, p.name))
+
+    def list_owned(self, owner: str) -> list[Project]:
+        """`owner`'s projects (by hub name), most recently used first."""
+        return [p for p in self.list(user_slug(owner)) if p.owner == owner]
 
     def get(self, slug: str, name: str) -> Project | None:
         path = self._dir(slug) / f"{validate_project_name(name)}.json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -10,12 +11,15 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from jupyterhub.utils import url_path_join
 from tornado import ioloop, web
-from traitlets import Integer, Unicode, default
-from traitlets.config import Application
+from traitlets import Bool, Dict, Integer, Unicode, default
+from traitlets.config import Application, Config
 
 from ..configure import ADMIN_SCOPE
 from ..gpus import gpu_allocator
-from .handlers import GpuApiHandler, GpuPageHandler, HomeHandler
+from ..images import BuildRecords, ImageBuilder, default_client
+from .gpus import GpuHandler
+from .manager import HubClient, ImageManager, Settings
+from .projects import BuildEventsHandler, ProjectActionHandler, ProjectHandler, ProjectListHandler
 
 
 class DS01Service(Application):
@@ -47,16 +51,60 @@ class DS01Service(Application):
 
     refresh_seconds = Integer(10, help="How often the GPU page reloads itself.").tag(config=True)
 
+    # the spawner's settings the service shares (configure(c) passes them)
+    workspace_root = Unicode("/srv/ds01/workspaces", help="As DS01Spawner.workspace_root.").tag(
+        config=True
+    )
+    workspace_template = Unicode(
+        "{workspace_root}/{user}/{project}", help="As DS01Spawner.workspace_template."
+    ).tag(config=True)
+    state_dir = Unicode("/srv/ds01/state", help="As DS01Spawner.state_dir.").tag(config=True)
+    base_image = Unicode("ds01/singleuser:latest", help="As DS01Spawner.base_image.").tag(
+        config=True
+    )
+    build_network_mode = Unicode(
+        None, allow_none=True, help="As DS01Spawner.build_network_mode."
+    ).tag(config=True)
+    max_concurrent_builds = Integer(2, help="Builds the page runs at once.").tag(config=True)
+    build_timeout = Integer(3600, help="As DS01Spawner.build_timeout.").tag(config=True)
+    build_args = Dict(Unicode(), help="As DS01Spawner.build_args.").tag(config=True)
+    allow_url_packages = Bool(
+        False, help="Accept `name @ https://...` pip specs (direct references) on the page."
+    ).tag(config=True)
+
     aliases = {"simulated-gpus": "DS01Service.simulated_gpus", "url": "DS01Service.url"}
 
     def make_app(self) -> web.Application:
         prefix = self.prefix
         hub_auth = HubOAuth(api_token=os.environ.get("JUPYTERHUB_API_TOKEN", ""), cache_max_age=60)
+        project = r"(?P<owner>[^/]+)/(?P<name>[a-z][a-z0-9-]{0,29})"
         templates = Environment(
             loader=FileSystemLoader(Path(__file__).parent / "templates"),
             autoescape=select_autoescape(),
         )
+        timeout = self.build_timeout
+        builder = ImageBuilder(
+            self.max_concurrent_builds,
+            lambda: default_client(timeout),
+            BuildRecords(self.state_dir),
+        )
+        token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+        hub = HubClient(os.environ["JUPYTERHUB_API_URL"], token) if token else None
+        manager = ImageManager(
+            Settings(
+                workspace_root=self.workspace_root,
+                workspace_template=self.workspace_template,
+                state_dir=self.state_dir,
+                base_image=self.base_image,
+                build_args=self.build_args,
+                build_network_mode=self.build_network_mode,
+                allow_url_packages=self.allow_url_packages,
+            ),
+            builder,
+            hub,
+        )
         settings = {
+            "manager": manager,
             "hub_auth": hub_auth,
             "cookie_secret": os.urandom(32),
             "xsrf_cookies": True,
@@ -67,9 +115,18 @@ class DS01Service(Application):
         }
         return web.Application(
             [
-                (prefix, HomeHandler),
-                (url_path_join(prefix, "gpus"), GpuPageHandler),
-                (url_path_join(prefix, "api/gpus"), GpuApiHandler),
+                (prefix, ProjectListHandler),
+                (url_path_join(prefix, "api/images"), ProjectListHandler),
+                (url_path_join(prefix, f"(?:api/)?images/{project}"), ProjectHandler),
+                (
+                    url_path_join(
+                        prefix,
+                        f"(?:api/)?images/{project}/(?P<action>packages|rebuild|rollback|restart|delete)",
+                    ),
+                    ProjectActionHandler,
+                ),
+                (url_path_join(prefix, f"(?:api/)?images/{project}/events"), BuildEventsHandler),
+                (url_path_join(prefix, "(?:api/)?gpus"), GpuHandler),
                 (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),
             ],
             **settings,
@@ -84,5 +141,8 @@ class DS01Service(Application):
 
 def main(argv: list[str] | None = None) -> None:
     app = DS01Service()
+    # the hub passes the spawner's shared settings (see configure.configure)
+    shared = json.loads(os.environ.get("DS01_SERVICE_SETTINGS") or "{}")
+    app.update_config(Config({"DS01Service": shared}))
     app.initialize(argv)
     app.start()

@@ -1,0 +1,323 @@
+"""What the image-update page does, without the web: list, edit packages, rebuild, roll back.
+
+Plain async methods over the project records, the workspace Dockerfiles, the
+engine and the hub API; the tornado handlers only translate requests. Every
+error a user can cause is a `ProjectError` with an HTTP status and a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+from .. import labels
+from ..dockerfile import DockerfileError, ManagedPackages, add_packages, read_managed
+from ..dockerfile import remove_packages as drop_packages
+from ..identity import user_slug
+from ..images import (
+    Build,
+    BuildSpec,
+    ImageBuilder,
+    dockerfile_digest,
+    image_ref,
+    image_repository,
+)
+from ..packages import (
+    PackageError,
+    parse_requirements_text,
+    validate_apt_package,
+    validate_pip_spec,
+)
+from ..projects import (
+    DOCKERFILE,
+    InvalidRequest,
+    Project,
+    ProjectStore,
+    WorkspaceError,
+    read_workspace_file,
+    validate_project_name,
+    workspace_path,
+)
+
+
+class ProjectError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The spawner settings the service must share (configure(c) passes them)."""
+
+    workspace_root: str
+    workspace_template: str
+    state_dir: str
+    base_image: str
+    build_args: dict[str, str] = field(default_factory=dict)
+    build_network_mode: str | None = None
+    max_dockerfile_bytes: int = 256 * 1024
+    allow_url_packages: bool = False
+
+
+class HubClient:
+    """The few hub API calls the service makes, with its own token (scopes: servers)."""
+
+    def __init__(self, api_url: str, token: str) -> None:
+        self.api_url = api_url.rstrip("/")
+        self.token = token
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        request = HTTPRequest(
+            f"{self.api_url}/{path}",
+            method=method,
+            headers={"Authorization": f"token {self.token}"},
+            body=None if body is None else json.dumps(body),
+            allow_nonstandard_methods=True,
+            request_timeout=60,
+        )
+        response = await AsyncHTTPClient().fetch(request)
+        return json.loads(response.body) if response.body else None
+
+
+class ImageManager:
+    def __init__(self, settings: Settings, builder: ImageBuilder, hub: HubClient | None) -> None:
+        self.settings = settings
+        self.builder = builder
+        self.hub = hub
+        self.store = ProjectStore(settings.state_dir)
+        self.client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+
+    async def _docker(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(getattr(self.client, method), *args, **kwargs)
+
+    # ---------------------------------------------------------------- reading
+
+    def project(self, owner: str, name: str) -> Project:
+        try:
+            validate_project_name(name)
+        except InvalidRequest as e:
+            raise ProjectError(404, str(e)) from None
+        project = self.store.get(user_slug(owner), name)
+        if project is None or project.owner != owner:
+            raise ProjectError(404, f"{owner} has no project {name!r}")
+        return project
+
+    def owners(self) -> list[str]:
+        owners = set()
+        for directory in sorted(self.store.root.glob("*")):
+            for project in self.store.list(directory.name):
+                owners.add(project.owner)
+        return sorted(owners)
+
+    def _workspace(self, project: Project) -> Path:
+        try:
+            return workspace_path(
+                self.settings.workspace_template,
+                root=self.settings.workspace_root,
+                user=user_slug(project.owner),
+                project=project.name,
+            )
+        except WorkspaceError as e:
+            raise ProjectError(409, str(e)) from None
+
+    def dockerfile(self, project: Project) -> str:
+        try:
+            return read_workspace_file(
+                self._workspace(project) / DOCKERFILE, self.settings.max_dockerfile_bytes
+            )
+        except WorkspaceError as e:
+            raise ProjectError(409, str(e)) from None
+
+    async def describe(self, project: Project) -> dict[str, Any]:
+        """Everything the page shows about one project's image."""
+        slug = user_slug(project.owner)
+        latest = await self._inspect(image_ref(slug, project.name))
+        previous = await self._inspect(image_ref(slug, project.name, "previous"))
+        try:
+            dockerfile = self.dockerfile(project)
+            packages: ManagedPackages | None = read_managed(dockerfile)
+            problem = None
+        except (ProjectError, DockerfileError) as e:
+            dockerfile, packages, problem = None, None, str(e)
+        built_from = (latest or {}).get("Config", {}).get("Labels", {}) or {}
+        running = []
+        for c in await self._docker(
+            "containers",
+            filters={
+                "label": [f"{labels.USER}={project.owner}", f"{labels.PROJECT}={project.name}"]
+            },
+        ):
+            running.append(
+                {
+                    "server": c["Labels"].get(labels.SERVER_NAME, ""),
+                    "container": c["Names"][0].lstrip("/"),
+                    "outdated": bool(latest) and c["ImageID"] != latest["Id"],
+                }
+            )
+        return {
+            "owner": project.owner,
+            "project": project.name,
+            "type": project.type,
+            "image": image_ref(slug, project.name),
+            "built": bool(latest),
+            "built_at": built_from.get(labels.BUILT_AT),
+            "size": (latest or {}).get("Size"),
+            "image_id": (latest or {}).get("Id"),
+            "previous_id": (previous or {}).get("Id"),
+            "dockerfile_changed": bool(latest)
+            and dockerfile is not None
+            and built_from.get(labels.DOCKERFILE_SHA256) != dockerfile_digest(dockerfile),
+            "packages": {"pip": list(packages.pip), "apt": list(packages.apt)}
+            if packages
+            else None,
+            "problem": problem,
+            "running": running,
+            "build": self.build_status(project),
+        }
+
+    async def _inspect(self, ref: str) -> dict | None:
+        try:
+            return await self._docker("inspect_image", ref)
+        except docker.errors.ImageNotFound:
+            return None
+
+    def build_status(self, project: Project) -> dict | None:
+        ref = image_ref(user_slug(project.owner), project.name)
+        running = next((b for b in self.builder.running() if b.spec.image == ref), None)
+        if running is not None and not running.done.is_set():
+            return {"status": "running", "image": ref}
+        return self.builder.records.read(ref) if self.builder.records else None
+
+    # ---------------------------------------------------------------- changing
+
+    async def update_packages(
+        self,
+        project: Project,
+        *,
+        add_pip: Sequence[str] = (),
+        add_apt: Sequence[str] = (),
+        requirements: str = "",
+        remove_pip: Sequence[str] = (),
+        remove_apt: Sequence[str] = (),
+    ) -> ManagedPackages:
+        """Validate every input first, then rewrite the Dockerfile's managed sections once."""
+        allow = self.settings.allow_url_packages
+        try:
+            pip = [validate_pip_spec(s, allow_urls=allow) for s in add_pip if s.strip()]
+            pip += parse_requirements_text(requirements, allow_urls=allow) if requirements else []
+            apt = [validate_apt_package(s) for s in add_apt if s.strip()]
+            text = self.dockerfile(project)
+            edited = text
+            if remove_pip or remove_apt:
+                edited = drop_packages(edited, pip=remove_pip, apt=remove_apt)
+            if pip or apt:
+                edited = add_packages(edited, pip=pip, apt=apt)
+        except (PackageError, DockerfileError) as e:
+            raise ProjectError(400, str(e)) from None
+        if edited != text:
+            self._write_dockerfile(project, edited)
+        return read_managed(edited)
+
+    def _write_dockerfile(self, project: Project, text: str) -> None:
+        """Replace the workspace Dockerfile without following links, owned by the workspace owner.
+
+        The workspace is writable from the user's container, so the hub-side
+        process never opens an existing path for writing: it writes a new file
+        and renames it over the old name (a link there is replaced, not followed).
+        """
+        workspace = self._workspace(project)
+        st = os.lstat(workspace)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ProjectError(409, f"workspace {workspace} is not a directory")
+        tmp = workspace / f".{DOCKERFILE}.ds01-{secrets.token_hex(6)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, text.encode("utf-8"))
+            os.fchown(fd, st.st_uid, st.st_gid)
+        finally:
+            os.close(fd)
+        os.replace(tmp, workspace / DOCKERFILE)
+
+    def rebuild(self, project: Project, *, nocache: bool = False) -> Build:
+        dockerfile = self.dockerfile(project)
+        spec = BuildSpec(
+            image=image_ref(user_slug(project.owner), project.name),
+            dockerfile=dockerfile,
+            labels={
+                **labels.project_labels(project.owner, project.name, project.type),
+                labels.DOCKERFILE_SHA256: dockerfile_digest(dockerfile),
+            },
+            buildargs={**self.settings.build_args, "BASE_IMAGE": self.settings.base_image},
+            network_mode=self.settings.build_network_mode,
+            nocache=nocache,
+        )
+        return self.builder.build(spec)
+
+    def current_build(self, project: Project) -> Build | None:
+        ref = image_ref(user_slug(project.owner), project.name)
+        return next((b for b in self.builder.running() if b.spec.image == ref), None)
+
+    async def rollback(self, project: Project) -> dict[str, str]:
+        """Swap :latest and :previous (a second rollback undoes the first)."""
+        slug = user_slug(project.owner)
+        repo = image_repository(slug, project.name)
+        latest = await self._inspect(f"{repo}:latest")
+        previous = await self._inspect(f"{repo}:previous")
+        if previous is None:
+            raise ProjectError(409, "there is no previous image to roll back to")
+        await self._docker("tag", previous["Id"], repo, "latest")
+        if latest is not None:
+            await self._docker("tag", latest["Id"], repo, "previous")
+        return {"latest": previous["Id"], "previous": (latest or {}).get("Id", "")}
+
+    async def delete(self, project: Project) -> None:
+        """Remove the project's images (not its workspace); refused while a server runs it."""
+        if any(r for r in (await self.describe(project))["running"]):
+            raise ProjectError(409, "stop the project's server before deleting its image")
+        repo = image_repository(user_slug(project.owner), project.name)
+        for tag in ("latest", "previous"):
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                await self._docker("remove_image", f"{repo}:{tag}")
+
+    async def restart(self, project: Project) -> list[str]:
+        """Retire the project's running server(s) and start them again on the new image."""
+        if self.hub is None:
+            raise ProjectError(503, "the service has no hub API token")
+        info = await self.describe(project)
+        if not info["running"]:
+            raise ProjectError(409, "no server of this project is running")
+        user = project.owner
+        model = await self.hub.call("GET", f"users/{user}")
+        restarted = []
+        for entry in info["running"]:
+            server = entry["server"]
+            path = f"users/{user}/servers/{server}" if server else f"users/{user}/server"
+            options = (model["servers"].get(server) or {}).get("user_options") or {}
+            try:
+                await self.hub.call("DELETE", path)
+                for _ in range(120):
+                    model = await self.hub.call("GET", f"users/{user}")
+                    if server not in model["servers"]:
+                        break
+                    await asyncio.sleep(0.5)
+                await self.hub.call("POST", path, {"user_options": options})
+            except HTTPClientError as e:
+                raise ProjectError(
+                    502, f"the hub refused to restart {server or 'default'}: {e}"
+                ) from None
+            restarted.append(server)
+        return restarted

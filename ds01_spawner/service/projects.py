@@ -1,0 +1,220 @@
+"""The image-update page: a user's projects, their packages, rebuilds and restarts.
+
+Each page has a JSON twin under ``api/`` (same path, same checks), so the page
+and scripts share one implementation; the handlers only translate HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+from urllib.parse import quote
+
+from tornado import web
+from tornado.iostream import StreamClosedError
+
+from ..images import Build
+from .base import BaseHandler
+from .manager import ImageManager, ProjectError
+
+KEEPALIVE_SECONDS = 25
+
+
+class ProjectBase(BaseHandler):
+    @property
+    def manager(self) -> ImageManager:
+        return self.settings["manager"]
+
+    def project_for(self, owner: str, name: str):
+        self.require_owner_or_admin(owner)
+        try:
+            return self.manager.project(owner, name)
+        except ProjectError as e:
+            raise web.HTTPError(e.status, e.message) from None
+
+    def page_url(self, owner: str, name: str, **query: str) -> str:
+        url = f"{self.ds01.prefix}images/{quote(owner)}/{name}"
+        if query:
+            url += "?" + "&".join(f"{k}={quote(v)}" for k, v in query.items())
+        return url
+
+
+class ProjectListHandler(ProjectBase):
+    """Your projects (admins: ``?all=1`` for everyone's, with the build queue)."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        everyone = self.get_argument("all", "") == "1"
+        if everyone:
+            self.require_admin()
+        owners = self.manager.owners() if everyone else [self.current_user["name"]]
+        projects = []
+        for owner in owners:
+            for project in self.manager.store.list_owned(owner):
+                projects.append(await self.manager.describe(project))
+        queue = [
+            {"image": b.spec.image, "status": "running" if not b.done.is_set() else "done"}
+            for b in self.manager.builder.running()
+        ]
+        if self.is_api:
+            self.write_json({"projects": projects, "builds": queue if everyone else None})
+        else:
+            self.render_page("images.html", projects=projects, everyone=everyone, queue=queue)
+
+
+class ProjectHandler(ProjectBase):
+    @web.authenticated
+    async def get(self, owner: str, name: str) -> None:
+        project = self.project_for(owner, name)
+        info = await self.manager.describe(project)
+        if self.is_api:
+            self.write_json(info)
+        else:
+            self.render_page(
+                "project.html",
+                p=info,
+                message=self.get_argument("msg", ""),
+                error=self.get_argument("error", ""),
+            )
+
+    @web.authenticated
+    async def delete(self, owner: str, name: str) -> None:
+        self.require_admin()
+        project = self.project_for(owner, name)
+        await self._run(self.manager.delete(project))
+        self.write_json({"deleted": project.name})
+
+    async def _run(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except ProjectError as e:
+            raise web.HTTPError(e.status, e.message) from None
+
+
+def _lines(value: Any) -> list[str]:
+    """A list from JSON, or the lines of a form textarea."""
+    if value is None:
+        return []
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    if isinstance(value, str):
+        return [line.strip() for line in value.splitlines() if line.strip()]
+    raise web.HTTPError(400, "package lists must be lists of strings")
+
+
+class ProjectActionHandler(ProjectBase):
+    """POST packages | rebuild | rollback | restart | delete, from a form or as JSON."""
+
+    @web.authenticated
+    async def post(self, owner: str, name: str, action: str) -> None:
+        project = self.project_for(owner, name)
+        args = self.json_body() if self.is_api else self._form()
+        try:
+            result = await self._act(project, action, args)
+        except ProjectError as e:
+            if self.is_api:
+                raise web.HTTPError(e.status, e.message) from None
+            self.redirect(self.page_url(owner, name, error=e.message))
+            return
+        if self.is_api:
+            self.write_json(result, 202 if action == "rebuild" else 200)
+        elif action == "delete":
+            self.redirect(f"{self.ds01.prefix}?all=1" if self.is_admin else self.ds01.prefix)
+        else:
+            self.redirect(self.page_url(owner, name, msg=result["message"]))
+
+    def _form(self) -> dict[str, Any]:
+        return {k: self.get_body_argument(k) for k in self.request.body_arguments}
+
+    async def _act(self, project: Any, action: str, args: dict[str, Any]) -> dict[str, Any]:
+        m = self.manager
+        if action == "packages":
+            requirements = args.get("requirements") or ""
+            if not isinstance(requirements, str):
+                raise ProjectError(400, "requirements must be text")
+            packages = await m.update_packages(
+                project,
+                add_pip=_lines(args.get("add_pip")),
+                add_apt=_lines(args.get("add_apt")),
+                requirements=requirements,
+                remove_pip=_lines(args.get("remove_pip")),
+                remove_apt=_lines(args.get("remove_apt")),
+            )
+            return {
+                "message": "Packages updated: rebuild to use them.",
+                "packages": {"pip": list(packages.pip), "apt": list(packages.apt)},
+            }
+        if action == "rebuild":
+            nocache = args.get("nocache") in (True, "1", "on", "true")
+            build = m.current_build(project)
+            if build is None or build.done.is_set():
+                build = m.rebuild(project, nocache=nocache)
+                return {"message": "Rebuild started.", "image": build.spec.image}
+            return {
+                "message": "A build of this image is already running.",
+                "image": build.spec.image,
+            }
+        if action == "rollback":
+            ids = await m.rollback(project)
+            return {"message": "Rolled back: the previous image is :latest again.", **ids}
+        if action == "restart":
+            servers = await m.restart(project)
+            return {"message": "Restarting on the new image.", "servers": servers}
+        if action == "delete":
+            if not self.is_admin:
+                raise ProjectError(403, "only admins delete images")
+            await m.delete(project)
+            return {"message": "Image deleted."}
+        raise ProjectError(404, f"unknown action {action!r}")
+
+
+class BuildEventsHandler(ProjectBase):
+    """The build log as server-sent events: the running build live, else the last one's record."""
+
+    @web.authenticated
+    async def get(self, owner: str, name: str) -> None:
+        project = self.project_for(owner, name)
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        build = self.manager.current_build(project)
+        try:
+            if build is not None:
+                await self._stream(build)
+            else:
+                record = self.manager.build_status(project) or {"status": "none"}
+                for line in record.get("log_tail", []):
+                    await self._send({"phase": "log", "message": line})
+                await self._send({"phase": record.get("status", "none"), "record": record})
+        except StreamClosedError:
+            return
+        self.finish()
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        self.write(f"data: {json.dumps(event)}\n\n")
+        await self.flush()
+
+    async def _stream(self, build: Build) -> None:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            async for event in build.follow():
+                await queue.put(event)
+            await queue.put(None)
+
+        task = asyncio.ensure_future(pump())
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+                except asyncio.TimeoutError:
+                    self.write(": keepalive\n\n")
+                    await self.flush()
+                    continue
+                if event is None:
+                    return
+                await self._send(
+                    {"phase": event.phase, "message": event.message, "progress": event.progress}
+                )
+        finally:
+            task.cancel()

@@ -1,0 +1,210 @@
+"""The image-update service end to end: a real hub process, the ds01 managed service,
+the real engine and a local package index. Add a package, rebuild, restart, import it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import docker
+import pytest
+import requests
+
+from tests.pkgindex import PackageIndex
+
+from .conftest import exec_in
+from .hubprocess import HubProcess, remove_user_objects
+
+USERS = ("alice", "bob")
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    with PackageIndex(tmp_path_factory.mktemp("index"), {"ds01hello": "1.0"}) as index:
+        yield index
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, index):
+    root = tmp_path_factory.mktemp("imagehub")
+    (root / "data").mkdir()
+    hub = HubProcess(
+        root / "data",
+        root / "hub.log",
+        DS01_PIP_INDEX_URL=index.url,
+        DS01_BUILD_NETWORK="host",
+    )
+    hub.start()
+    yield hub
+    hub.stop()
+    engine = docker.from_env()
+    for user in USERS:
+        remove_user_objects(engine, user)
+
+
+class Client:
+    """A user's token-authenticated client for the service's JSON API."""
+
+    def __init__(self, hub: HubProcess, user: str) -> None:
+        hub.api("POST", f"users/{user}")
+        token = hub.api("POST", f"users/{user}/tokens", json={"note": "test"}).json()["token"]
+        self.base = f"{hub.url}/services/ds01/api/"
+        self.headers = {"Authorization": f"token {token}"}
+
+    def get(self, path: str) -> requests.Response:
+        return requests.get(self.base + path, headers=self.headers, timeout=60)
+
+    def post(self, path: str, body: dict | None = None) -> requests.Response:
+        return requests.post(self.base + path, json=body or {}, headers=self.headers, timeout=120)
+
+    def events(self, path: str) -> list[dict]:
+        out = []
+        with requests.get(self.base + path, headers=self.headers, stream=True, timeout=300) as r:
+            for line in r.iter_lines(decode_unicode=True):
+                if line and line.startswith("data:"):
+                    out.append(json.loads(line[5:]))
+        return out
+
+    def wait_build(self, path: str) -> list[dict]:
+        """Follow the build's event stream to its end: the live build, or its record."""
+        return self.events(f"{path}/events")
+
+
+def workspace(hub: HubProcess, user: str, project: str) -> Path:
+    return hub.data_dir / "workspaces" / user / project
+
+
+@pytest.fixture(scope="module")
+def alice(hub):
+    client = Client(hub, "alice")
+    r = hub.api("POST", "users/alice/servers/thesis", data=json.dumps({"user_options": {}}))
+    assert r.status_code in (201, 202), r.text
+    hub.wait_ready("alice", "thesis")
+    return client
+
+
+def engine_image(ref: str):
+    return docker.from_env().images.get(ref)
+
+
+def test_add_package_rebuild_restart_and_import(hub, alice):
+    info = alice.get("images/alice/thesis").json()
+    assert info["built"] and info["packages"] == {"pip": [], "apt": []}
+    old_id = info["image_id"]
+
+    r = alice.post("images/alice/thesis/packages", {"add_pip": ["ds01hello==1.0"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["packages"]["pip"] == ["ds01hello==1.0"]
+    dockerfile = (workspace(hub, "alice", "thesis") / "Dockerfile").read_text()
+    assert '"ds01hello==1.0"' in dockerfile
+    assert alice.get("images/alice/thesis").json()["dockerfile_changed"] is True
+
+    r = alice.post("images/alice/thesis/rebuild")
+    assert r.status_code == 202, r.text
+    events = alice.wait_build("images/alice/thesis")
+    assert events[-1]["phase"] == "built", events[-5:]
+    assert any("ds01hello" in (e.get("message") or "") for e in events)
+    assert [e["progress"] for e in events if e.get("progress") is not None] == sorted(
+        e["progress"] for e in events if e.get("progress") is not None
+    )
+
+    info = alice.get("images/alice/thesis").json()
+    assert info["image_id"] != old_id and info["previous_id"] == old_id
+    assert info["running"][0]["outdated"] is True, "the running server is on the older image"
+
+    r = alice.post("images/alice/thesis/restart")
+    assert r.status_code == 200, r.text
+    hub.wait_ready("alice", "thesis", timeout=120)
+    (c,) = docker.from_env().containers.list(filters={"label": ["ds01.user=alice"]})
+    assert c.image.id == info["image_id"]
+    assert exec_in(c, "python -c 'import ds01hello; print(ds01hello.VALUE)'") == (0, "42")
+
+
+def test_failed_build_keeps_the_old_image(hub, alice):
+    before = alice.get("images/alice/thesis").json()["image_id"]
+    assert alice.post("images/alice/thesis/packages", {"add_pip": ["ds01-not-there"]}).ok
+    assert alice.post("images/alice/thesis/rebuild").status_code == 202
+    events = alice.wait_build("images/alice/thesis")
+    assert events[-1]["phase"] == "failed"
+    assert "ds01-not-there" in events[-1]["message"] or any(
+        "ds01-not-there" in (e.get("message") or "") for e in events
+    )
+    info = alice.get("images/alice/thesis").json()
+    assert info["image_id"] == before, "failure keeps :latest"
+    assert info["build"]["status"] == "failed" and info["build"]["log_tail"]
+    assert alice.post("images/alice/thesis/packages", {"remove_pip": ["ds01-not-there"]}).ok
+
+
+def test_rollback_swaps_latest_and_previous(hub, alice):
+    info = alice.get("images/alice/thesis").json()
+    r = alice.post("images/alice/thesis/rollback")
+    assert r.status_code == 200, r.text
+    assert engine_image("ds01-alice/thesis:latest").id == info["previous_id"]
+    assert engine_image("ds01-alice/thesis:previous").id == info["image_id"]
+    assert alice.post("images/alice/thesis/rollback").ok  # and back
+    assert engine_image("ds01-alice/thesis:latest").id == info["image_id"]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "ds01hello\nRUN rm -rf /",
+        "x; rm -rf /",
+        "x && curl evil",
+        "`id`",
+        "$(id)",
+        "--index-url=http://evil/simple",
+        "-e /etc",
+        "/etc/passwd",
+        "https://evil.example/x.whl",
+        "x @ https://evil.example/x.whl",
+    ],
+)
+def test_hostile_package_specs_are_refused_and_nothing_written(hub, alice, spec):
+    path = workspace(hub, "alice", "thesis") / "Dockerfile"
+    before = path.read_text()
+    r = alice.post("images/alice/thesis/packages", {"add_pip": [spec]})
+    assert r.status_code == 400, (spec, r.text)
+    assert r.json()["message"]
+    assert path.read_text() == before
+
+
+def test_another_users_project_is_forbidden(hub, alice):
+    bob = Client(hub, "bob")
+    path = workspace(hub, "alice", "thesis") / "Dockerfile"
+    before = path.read_text()
+    for call in (
+        lambda: bob.get("images/alice/thesis"),
+        lambda: bob.post("images/alice/thesis/packages", {"add_pip": ["requests"]}),
+        lambda: bob.post("images/alice/thesis/rebuild"),
+        lambda: bob.post("images/alice/thesis/rollback"),
+        lambda: bob.post("images/alice/thesis/delete"),
+        lambda: bob.get("images/alice/thesis/events"),
+    ):
+        r = call()
+        assert r.status_code == 403, r.text
+    assert path.read_text() == before
+    assert [p["project"] for p in bob.get("images").json()["projects"]] == []
+    assert bob.get("images?all=1").status_code == 403
+
+
+def test_admin_sees_every_image_and_cannot_delete_a_running_one(hub, alice):
+    admin = Client(hub, "admin")
+    projects = admin.get("images?all=1").json()["projects"]
+    assert ("alice", "thesis") in {(p["owner"], p["project"]) for p in projects}
+    r = admin.post("images/alice/thesis/delete")
+    assert r.status_code == 409 and "stop the project's server" in r.json()["message"]
+
+
+def test_page_forms_need_xsrf_and_show_the_project(hub, alice):
+    s = hub.login("alice")
+    page = s.get(f"{hub.url}/services/ds01/images/alice/thesis", timeout=30)
+    assert page.status_code == 200 and "Packages in the image" in page.text
+    r = s.post(
+        f"{hub.url}/services/ds01/images/alice/thesis/packages",
+        data={"add_pip": "requests"},
+        timeout=30,
+        allow_redirects=False,
+    )
+    assert r.status_code == 403, "a form post without _xsrf is refused"
+    assert "requests" not in (workspace(hub, "alice", "thesis") / "Dockerfile").read_text()
