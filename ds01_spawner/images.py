@@ -233,6 +233,7 @@ class BuildRecords:
         if fields.get("status") == "running":
             for stale in ("finished", "error", "log_tail"):
                 record.pop(stale, None)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self._path(image, ".json")
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1))

@@ -92,3 +92,50 @@ async def test_failed_build_raises_for_waiters():
     await asyncio.sleep(0)
     with pytest.raises(BuildError, match="boom"):
         await build.wait()
+
+
+def test_a_build_whose_process_died_reads_as_interrupted(tmp_path):
+    """A service restart mid-build: the record says running, but nobody holds the lock."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ds01_spawner.images import BuildRecords
+
+    code = (
+        "import sys, time\n"
+        "from ds01_spawner.images import BuildRecords\n"
+        f"records = BuildRecords({str(tmp_path)!r})\n"
+        "with records.hold('ds01-a/p:latest') as held:\n"
+        "    records.write('ds01-a/p:latest', status='running', started='t0')\n"
+        "    print('building', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "building"
+        records = BuildRecords(tmp_path)
+        assert records.read("ds01-a/p:latest")["status"] == "running"
+        with records.hold("ds01-a/p:latest") as held:
+            assert held is False, "a second builder of the same image is kept out"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    time.sleep(0.1)
+    record = BuildRecords(tmp_path).read("ds01-a/p:latest")
+    assert record["status"] == "interrupted" and record["started"] == "t0"
+
+
+def test_build_records_keep_the_outcome(tmp_path):
+    from ds01_spawner.images import BuildRecords
+
+    records = BuildRecords(tmp_path)
+    assert records.read("ds01-a/p:latest") is None
+    records.write("ds01-a/p:latest", status="failed", error="boom", log_tail=["x"])
+    records.write("ds01-a/p:latest", status="running", started="t1")
+    assert records.read("ds01-a/p:latest") == {
+        "image": "ds01-a/p:latest",
+        "status": "interrupted",  # nobody holds its lock in this test
+        "started": "t1",
+    }
