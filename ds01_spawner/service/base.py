@@ -63,6 +63,9 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
                 prefix=self.ds01.prefix,
                 hub_base_url=self.settings["hub_base_url"],
                 xsrf_form_html=self.xsrf_form_html(),
+                # scripts' requests (EventSource) are not navigations: the hub's
+                # auth accepts their cookie only with the xsrf token in the URL
+                xsrf_token=self.xsrf_token.decode("ascii"),
                 **ns,
             )
         )

@@ -30,13 +30,14 @@ def free_port() -> int:
 
 
 class HubProcess:
-    def __init__(self, data_dir: Path, log_path: Path, **env: str) -> None:
+    def __init__(self, data_dir: Path, log_path: Path, base_url: str = "/", **env: str) -> None:
         self.extra_env = env
+        self.base_url = base_url
         self.data_dir = data_dir
         self.log_path = log_path
         self.port, self.hub_port, self.api_port = free_port(), free_port(), free_port()
         self.service_port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://127.0.0.1:{self.port}{base_url.rstrip('/')}"
         self.proc: subprocess.Popen | None = None
         self.token: str | None = None
 
@@ -44,7 +45,7 @@ class HubProcess:
         env = {
             **os.environ,
             "DS01_DATA_DIR": str(self.data_dir),
-            "DS01_BIND_URL": self.url,
+            "DS01_BIND_URL": self.url + "/",
             "DS01_ADMIN_USERS": "admin",
             "DS01_SERVICE_PORT": str(self.service_port),
             **self.extra_env,
