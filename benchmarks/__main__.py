@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from importlib.metadata import version
 from pathlib import Path
 from statistics import median
@@ -27,6 +28,7 @@ from ds01_spawner.images import image_ref
 
 from .allocator import allocator_times
 from .hub import ds01_config, log_to, plain_config, running_hub, sweep
+from .rebuild import rebuild_times
 from .spawn import merge, spawn_series
 from .storm import spawn_storm
 
@@ -69,7 +71,7 @@ async def run_all(quick: bool) -> dict:
         rounds = [(("plain", "ds01"), (n + 1) // 2), (("ds01", "plain"), n // 2)]
         for r, (order, count) in enumerate(rounds):
             for kind in order:
-                print(f"[1/3] spawn latency: {LABEL[kind]}, 1 warm-up + {count}", flush=True)
+                print(f"[1/4] spawn latency: {LABEL[kind]}, 1 warm-up + {count}", flush=True)
                 if kind == "plain":
                     async with running_hub(plain_config(workdir / f"plain{r}"), engine) as hub:
                         sessions[kind].append(
@@ -84,7 +86,7 @@ async def run_all(quick: bool) -> dict:
                     options = {"project": BENCH_PROJECT}
                     sessions[kind].append(await spawn_series(hub, user, options, count))
                     if r == len(rounds) - 1:  # the storm reuses this hub and its built image
-                        print(f"[2/3] GPU spawn storm: {STORM_USERS} users at once", flush=True)
+                        print(f"[2/4] GPU spawn storm: {STORM_USERS} users at once", flush=True)
                         results["storm"] = await spawn_storm(
                             hub,
                             image_ref(user_slug(user), BENCH_PROJECT),
@@ -94,8 +96,10 @@ async def run_all(quick: bool) -> dict:
                         )
         ds01, plain = merge(sessions["ds01"]), merge(sessions["plain"])
         results["spawn"] = spawn_summary(ds01, plain, n)
-        print("[3/3] allocator decision time", flush=True)
+        print("[3/4] allocator decision time", flush=True)
         results["allocator"] = allocator_times(200)
+        print("[4/4] rebuild after adding one package vs. a cold build", flush=True)
+        results["rebuild"] = await rebuild_times()
         ok = True
     finally:
         sweep(engine)
@@ -211,9 +215,41 @@ def table(r: dict) -> str:
             f"   {label:34} median {t['median_us']:>8.1f} us   p95 {t['p95_us']:>8.1f} us"
             f"   ({t['calls']} calls)"
         )
+    lines += ["", *rebuild_table(r["rebuild"])]
     if st["failures"]:
         lines += ["", "storm failures:", *(f"   {f}" for f in st["failures"])]
     return "\n".join(lines)
+
+
+def rebuild_table(rb: dict) -> list[str]:
+    b = rb["builds"]
+    cold, rebuild, unchanged = b["cold_b"], b["rebuild_b"], b["unchanged_a"]
+    t = rebuild["seconds_by_kind"]
+    return [
+        "4. Rebuild after adding one package vs. a cold build of the same Dockerfile, one run",
+        f"   {rb['template']} + {len(rb['packages_a'])} pip packages (a RUN each; tiny wheels"
+        f" from a local index), then {rb['added']} added",
+        f"   {'cold build (nocache)':34}{cold['seconds']:>7.2f} s   {ran(cold)}",
+        f"   {'rebuild after adding ' + rb['added']:34}{rebuild['seconds']:>7.2f} s   "
+        f"{ran(rebuild)}   ratio {rb['ratio']:.2f}",
+        f"   {'same Dockerfile again, no change':34}{unchanged['seconds']:>7.2f} s   "
+        f"{ran(unchanged)}",
+        f"   {'first build (warm-up, no cache)':34}{b['warmup_a']['seconds']:>7.2f} s   "
+        f"{ran(b['warmup_a'])}",
+        f"   the rebuild's time: the new RUN {t['run']:.2f} s, other steps that ran "
+        f"{t['meta']:.2f} s, cached steps {t['cached']:.2f} s, outside steps "
+        f"{t['outside steps']:.2f} s",
+        "   only the new package's RUN ran in the rebuild: "
+        + ("yes" if rb["only_new_run_ran"] else "NO"),
+    ]
+
+
+def ran(build: dict) -> str:
+    """`8 steps ran (1 RUN, 7 LABEL), 7 cached`"""
+    kinds = Counter(["RUN"] * len(build["ran_run_steps"]))
+    kinds.update(step.split(" ", 1)[0] for step in build["ran_meta_steps"])
+    detail = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+    return f"{build['ran']} steps ran ({detail}), {build['cached']} cached"
 
 
 def compare(label: str, ds01: float, plain: float) -> str:
