@@ -350,7 +350,10 @@ class ImageBuilder:
                 fileobj=context_tar(spec.dockerfile),
                 custom_context=True,
                 tag=spec.image,
-                labels={**spec.labels, labels.BUILT_AT: labels.now_iso()},
+                # no per-build label (a timestamp): each label is a build step, and
+                # one that changes every time would rerun them all; Docker records
+                # the creation time anyway
+                labels=spec.labels,
                 buildargs=spec.buildargs,
                 network_mode=spec.network_mode,
                 nocache=spec.nocache,

@@ -18,7 +18,6 @@ SERVER_NAME = "ds01.server_name"
 IMAGE = "ds01.image"
 UID = "ds01.uid"
 STARTED_AT = "ds01.started_at"
-BUILT_AT = "ds01.built_at"
 DOCKERFILE_SHA256 = "ds01.dockerfile_sha256"
 # the GPU ledger: what a container holds, written when it is created
 GPU_UUIDS = "ds01.gpu.uuids"

@@ -34,6 +34,7 @@ from ..images import (
     image_ref,
     image_repository,
 )
+from ..installed import InstalledRecords
 from ..packages import (
     PackageError,
     parse_requirements_text,
@@ -99,6 +100,7 @@ class ImageManager:
         self.builder = builder
         self.hub = hub
         self.store = ProjectStore(settings.state_dir)
+        self.installed = InstalledRecords(settings.state_dir)
         self.client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
 
     async def _docker(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -174,7 +176,7 @@ class ImageManager:
             "type": project.type,
             "image": image_ref(slug, project.name),
             "built": bool(latest),
-            "built_at": built_from.get(labels.BUILT_AT),
+            "built_at": (latest or {}).get("Created", "")[:19].replace("T", " "),
             "size": (latest or {}).get("Size"),
             "image_id": (latest or {}).get("Id"),
             "previous_id": (previous or {}).get("Id"),
@@ -187,6 +189,8 @@ class ImageManager:
             "problem": problem,
             "running": running,
             "build": self.build_status(project),
+            # pip-installed in the last container and lost at its retire
+            "installed_last_session": self.installed.last_session(slug, project.name),
         }
 
     async def _inspect(self, ref: str) -> dict | None:
@@ -230,6 +234,8 @@ class ImageManager:
             raise ProjectError(400, str(e)) from None
         if edited != text:
             self._write_dockerfile(project, edited)
+        if pip:  # what is in the image now need not be offered again
+            self.installed.forget(user_slug(project.owner), project.name, pip)
         return read_managed(edited)
 
     def _write_dockerfile(self, project: Project, text: str) -> None:
