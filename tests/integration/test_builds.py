@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
+import threading
 import time
 import uuid
 
 import docker
 import pytest
 
+from ds01_spawner import DS01Spawner
 from ds01_spawner.identity import user_slug
 from ds01_spawner.images import BuildError, BuildSpec, ImageBuilder, default_client
 from tests.conftest import BASE_IMAGE
@@ -57,29 +60,72 @@ async def test_one_build_per_image_and_a_limit_overall(engine, repo):
     assert engine.images.get(f"{repo}:other").id == queued.image_id
 
 
+class Gate:
+    """An HTTP endpoint on 127.0.0.1 that answers 404 until the test opens it.
+
+    A build (host network) waiting for it runs exactly as long as the test wants:
+    no sleeps, no timing assumptions.
+    """
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        gate = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200 if gate.open.is_set() else 404)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 async def test_a_long_build_does_not_hold_up_another_users_spawn_and_stop(hub, engine):
-    h = await hub(max_concurrent_builds=2)
+    h = await hub(max_concurrent_builds=2, build_network_mode="host")
     fast, slow = h.new_user(), h.new_user()
     await h.start(fast, "ready")  # image built now
     await h.stop(fast, "ready")
 
-    # the slow user's first spawn builds an image that takes >= 20 s
-
-    # (the user name in the RUN line defeats the layer cache of earlier runs)
-    dockerfile = f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nRUN echo {slow} && sleep 20\n"
+    # the slow user's first spawn builds an image that waits until the gate opens
+    gate = Gate()
+    probe = f"import urllib.request as u; u.urlopen('{gate.url}')"
+    dockerfile = (  # the user name in the RUN line: no stale layer cache from earlier runs
+        f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\n"
+        f'RUN echo {slow} && until python -c "{probe}" 2>/dev/null; do sleep 0.2; done\n'
+    )
     _, ids = h.seed_workspace(slow, "heavy", dockerfile)
-    slow_start = asyncio.ensure_future(h.start(slow, "heavy", timeout=120))
-    await asyncio.sleep(2)  # the build is running now
+    try:
+        slow_start = asyncio.ensure_future(h.start(slow, "heavy", timeout=240))
+        builder = DS01Spawner._builders[(h.app.config.DS01Spawner.state_dir, 2)]
+        await wait_until(
+            lambda: any(b.spec.image.endswith("/heavy:latest") for b in builder.running())
+        )
 
-    t0 = time.monotonic()
-    await h.start(fast, "ready")
-    await h.stop(fast, "ready")
-    spawn_and_stop = time.monotonic() - t0
-    # had the spawn waited behind the build, the build would be over by now
-    assert not slow_start.done(), f"spawn+stop took {spawn_and_stop:.1f}s, after the build"
-    assert spawn_and_stop < 15
+        await h.start(fast, "ready")
+        await h.stop(fast, "ready")
+        # the build is still waiting at the gate: the spawn and stop did not queue behind it
+        assert not slow_start.done()
+        assert any(not b.done.is_set() for b in builder.running())
+    finally:
+        gate.open.set()
     await slow_start
+    gate.close()
     c = h.container(slow, "heavy")
     assert exec_in(c, "id -u")[1] == str(ids.uid)
     with pytest.raises(docker.errors.NotFound):
         engine.containers.get("ds01-" + user_slug(fast) + "--ready")
+
+
+async def wait_until(predicate, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)
