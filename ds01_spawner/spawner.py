@@ -47,6 +47,7 @@ from .images import (
     dockerfile_digest,
     image_ref,
 )
+from .installed import InstalledRecords, added_in_container, freeze_in_container, parse_freeze
 from .nvml import GpuSlot, GpuUnavailable
 from .projects import (
     DOCKERFILE,
@@ -215,6 +216,14 @@ class DS01Spawner(DockerSpawner):
         """,
     ).tag(config=True)
 
+    save_packages_timeout = Float(
+        5.0,
+        help="""Seconds to list, at retire, the pip packages installed in the container
+        beyond its image (offered on the image page). 0 turns it off. The stop is
+        never held up longer: a container that does not answer is retired anyway.
+        """,
+    ).tag(config=True)
+
     # ------------------------------------------------------------ GPUs
 
     simulated_gpus = Integer(
@@ -380,6 +389,8 @@ class DS01Spawner(DockerSpawner):
     _ids: UserIds | None = None
     _workspace: str = ""
     _gpus: list[GpuSlot] = []
+    _unsaved: list[str] = []  # packages the last session installed and lost
+    _snapshot: asyncio.Future | None = None
     _gpus_since: str = ""
     _events: list[dict[str, Any]]
     _events_changed: asyncio.Event | None = None
@@ -571,6 +582,7 @@ class DS01Spawner(DockerSpawner):
         if gpu_request.count:
             await self._check_gpus(gpu_request)  # refuse early, before a long build
         project, workspace = self._open_project(request, ids, types)
+        self._unsaved = self._unsaved_packages(project)
         image = await self._ensure_image(project, workspace, ids)
 
         self._project, self._ids, self._workspace = project, ids, str(workspace)
@@ -580,10 +592,60 @@ class DS01Spawner(DockerSpawner):
         self._gpus = await self._assign_gpus(gpu_request) if gpu_request.count else []
         self._emit(_CONTAINER, f"Starting container {self.object_name}")
         try:
-            return await super().start()
+            ip_port = await super().start()
         finally:
             # the container now carries the ledger labels, or it never will
             self.gpu_allocator.settle(self.user.name, self.name)
+        if self.save_packages_timeout > 0:
+            # the image's own package list, once per image, from the fresh container
+            self._snapshot = asyncio.ensure_future(self._snapshot_image_packages())
+        return ip_port
+
+    def _unsaved_packages(self, project: Project) -> list[str]:
+        """Packages the last session installed that are not in the image: tell the user."""
+        record = InstalledRecords(self.state_dir).last_session(self.user_slug, project.name)
+        if not record:
+            return []
+        packages = record["packages"]
+        shown = ", ".join(packages[:8]) + (" ..." if len(packages) > 8 else "")
+        self._emit(
+            5,
+            f"Last session you installed packages that are not in the image and are gone "
+            f"now: {shown}. Add them to the image on the ds01 image page "
+            f"(/services/ds01/images/{self.user.name}/{project.name}).",
+        )
+        return packages
+
+    async def _snapshot_image_packages(self) -> None:
+        records = InstalledRecords(self.state_dir)
+        image_id = (await self.docker("inspect_container", self.object_id))["Image"]
+        if records.image_packages(image_id) is None and self._ids is not None:
+            text = await freeze_in_container(
+                self.object_id, self._ids.docker_user, self.save_packages_timeout
+            )
+            if text is not None:
+                records.save_image_packages(image_id, parse_freeze(text))
+
+    async def _record_installed(self) -> None:
+        """Before retire: what was pip-installed here beyond the image? Bounded in time."""
+        if not (self.save_packages_timeout > 0 and self._ids and self._project and self.object_id):
+            return
+        records = InstalledRecords(self.state_dir)
+        try:
+            image_id = (await self.docker("inspect_container", self.object_id))["Image"]
+        except docker.errors.NotFound:
+            return  # already gone
+        image = records.image_packages(image_id)
+        text = await freeze_in_container(
+            self.object_id, self._ids.docker_user, self.save_packages_timeout
+        )
+        if image is None or text is None:
+            self.log.info("No package list for %s: not recording its packages", self.object_name)
+            return
+        added = added_in_container(parse_freeze(text), image)
+        records.record_session(self.user_slug, self._project.name, image_id, added)
+        if added:
+            self.log.info("%s installed %s beyond its image", self.object_name, added[:20])
 
     async def _check_gpus(self, request: GpuRequest) -> None:
         """Would `request` get GPUs now? Raise the refusal if not (nothing is held)."""
@@ -712,6 +774,7 @@ class DS01Spawner(DockerSpawner):
         """
         project = self._project.name if self._project else "?"
         container = self.object_id
+        await self._record_installed()
         await super().stop(now=now)
         if container:
             await self._wait_gone(container)
@@ -753,6 +816,8 @@ class DS01Spawner(DockerSpawner):
             DS01_GPU_UUIDS=uuids,
             DS01_GPU_INDICES=",".join(s.index for s in self._gpus),
             DS01_GPU_NAMES=",".join(s.name for s in self._gpus),
+            # what the last session pip-installed and lost: JupyterLab terminals show it
+            DS01_UNSAVED_PACKAGES=" ".join(self._unsaved),
         )
         return env
 

@@ -141,10 +141,16 @@ class ProjectActionHandler(ProjectBase):
                 remove_pip=_lines(args.get("remove_pip")),
                 remove_apt=_lines(args.get("remove_apt")),
             )
-            return {
+            result = {
                 "message": "Packages updated: rebuild to use them.",
                 "packages": {"pip": list(packages.pip), "apt": list(packages.apt)},
             }
+            if args.get("rebuild") in (True, "1", "on", "true"):
+                build = m.current_build(project)
+                if build is None or build.done.is_set():
+                    m.rebuild(project)
+                result["message"] = "Packages added; the image is being rebuilt."
+            return result
         if action == "rebuild":
             nocache = args.get("nocache") in (True, "1", "on", "true")
             build = m.current_build(project)

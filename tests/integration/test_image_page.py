@@ -4,13 +4,14 @@ the real engine and a local package index. Add a package, rebuild, restart, impo
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import docker
 import pytest
 import requests
 
-from tests.pkgindex import PackageIndex
+from tests.pkgindex import PackageIndex, make_wheel
 
 from .conftest import exec_in
 from .hubprocess import HubProcess, remove_user_objects
@@ -20,7 +21,8 @@ USERS = ("alice", "bob")
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
-    with PackageIndex(tmp_path_factory.mktemp("index"), {"ds01hello": "1.0"}) as index:
+    packages = {"ds01hello": "1.0", "ds01extra": "2.0"}
+    with PackageIndex(tmp_path_factory.mktemp("index"), packages) as index:
         yield index
 
 
@@ -208,3 +210,35 @@ def test_page_forms_need_xsrf_and_show_the_project(hub, alice):
     )
     assert r.status_code == 403, "a form post without _xsrf is refused"
     assert "requests" not in (workspace(hub, "alice", "thesis") / "Dockerfile").read_text()
+
+
+def test_packages_installed_in_the_container_are_offered_and_accepted(hub, alice):
+    """pip install inside the server, retire it: the page offers the package; accept it."""
+    name, data = make_wheel("ds01extra", "2.0")
+    (workspace(hub, "alice", "thesis") / name).write_bytes(data)
+    (c,) = docker.from_env().containers.list(filters={"label": ["ds01.user=alice"]})
+    assert exec_in(c, f"pip install --no-index -q /workspace/{name}")[0] == 0
+
+    # retire (stop) and start again through the hub
+    assert hub.api("DELETE", "users/alice/servers/thesis").status_code in (202, 204)
+    for _ in range(60):
+        if "thesis" not in hub.api("GET", "users/alice").json()["servers"]:
+            break
+        time.sleep(0.5)
+    offered = alice.get("images/alice/thesis").json()["installed_last_session"]
+    assert offered and offered["packages"] == ["ds01extra==2.0"]
+
+    # one click: add them and rebuild (the index serves ds01extra too)
+    r = alice.post(
+        "images/alice/thesis/packages", {"add_pip": offered["packages"], "rebuild": True}
+    )
+    assert r.status_code == 200, r.text
+    assert alice.get("images/alice/thesis").json()["installed_last_session"] is None
+    events = alice.wait_build("images/alice/thesis")
+    assert events[-1]["phase"] == "built", events[-5:]
+
+    r = hub.api("POST", "users/alice/servers/thesis", data=json.dumps({"user_options": {}}))
+    assert r.status_code in (201, 202), r.text
+    hub.wait_ready("alice", "thesis")
+    (c,) = docker.from_env().containers.list(filters={"label": ["ds01.user=alice"]})
+    assert exec_in(c, "python -c 'import ds01extra; print(ds01extra.VALUE)'") == (0, "42")
