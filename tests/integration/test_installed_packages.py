@@ -44,6 +44,8 @@ async def test_installed_package_is_recorded_at_retire_and_announced_at_start(hu
     assert notice and "ds01probe==1.0" in notice[0]
     c2 = h.container(user, "work")
     assert exec_in(c2, "echo $DS01_UNSAVED_PACKAGES") == (0, "ds01probe==1.0")
+    code, terminal = exec_in(c2, "bash -ic true")  # what a JupyterLab terminal prints first
+    assert "last session you pip-installed" in terminal and "ds01probe==1.0" in terminal
     assert exec_in(c2, "python -c 'import ds01probe'")[0] != 0, "gone, as DS01 says"
 
 
