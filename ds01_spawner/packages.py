@@ -71,6 +71,20 @@ def _check_characters(kind: str, raw: str) -> str:
     return raw.strip(" ")
 
 
+def _basic_checks(kind: str, value: object, max_length: int, *, empty: str, options: str) -> str:
+    """What every package input must pass first: text, allowed characters, length, no option."""
+    if not isinstance(value, str):
+        raise PackageError(f"{kind} must be text, not {type(value).__name__}")
+    stripped = _check_characters(kind, value)
+    if not stripped:
+        raise PackageError(f"{kind} is empty: {empty}")
+    if len(stripped) > max_length:
+        raise _refuse(kind, stripped, f"it is longer than {max_length} characters")
+    if stripped.startswith("-"):
+        raise _refuse(kind, stripped, options)
+    return stripped
+
+
 def validate_pip_spec(spec: str, *, allow_urls: bool = False) -> str:
     """A pip requirement as researchers type it, normalized.
 
@@ -84,15 +98,13 @@ def validate_pip_spec(spec: str, *, allow_urls: bool = False) -> str:
     specifiers in packaging's canonical order.
     """
     kind = "pip package"
-    if not isinstance(spec, str):
-        raise PackageError(f"{kind} must be text, not {type(spec).__name__}")
-    stripped = _check_characters(kind, spec)
-    if not stripped:
-        raise PackageError(f"{kind} is empty: give a name like 'numpy' or 'numpy>=1.24'")
-    if len(stripped) > MAX_PIP_SPEC_LENGTH:
-        raise _refuse(kind, stripped, f"it is longer than {MAX_PIP_SPEC_LENGTH} characters")
-    if stripped.startswith("-"):
-        raise _refuse(kind, stripped, "pip options (-e, -r, --index-url, ...) cannot be given here")
+    stripped = _basic_checks(
+        kind,
+        spec,
+        MAX_PIP_SPEC_LENGTH,
+        empty="give a name like 'numpy' or 'numpy>=1.24'",
+        options="pip options (-e, -r, --index-url, ...) cannot be given here",
+    )
     lowered = stripped.lower()
     looks_like_url = "://" in stripped or "@" in stripped
     if looks_like_url and allow_urls:
@@ -165,15 +177,13 @@ def validate_apt_package(name: str) -> str:
     shell character gets through.
     """
     kind = "apt package"
-    if not isinstance(name, str):
-        raise PackageError(f"{kind} must be text, not {type(name).__name__}")
-    stripped = _check_characters(kind, name)
-    if not stripped:
-        raise PackageError(f"{kind} is empty: give a Debian package name like 'ffmpeg'")
-    if len(stripped) > MAX_APT_PACKAGE_LENGTH:
-        raise _refuse(kind, stripped, f"it is longer than {MAX_APT_PACKAGE_LENGTH} characters")
-    if stripped.startswith("-"):
-        raise _refuse(kind, stripped, "apt-get options cannot be given here")
+    stripped = _basic_checks(
+        kind,
+        name,
+        MAX_APT_PACKAGE_LENGTH,
+        empty="give a Debian package name like 'ffmpeg'",
+        options="apt-get options cannot be given here",
+    )
     package, eq, version = stripped.partition("=")
     if not _APT_NAME.fullmatch(package):
         raise _refuse(

@@ -25,7 +25,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from .. import labels
 from ..dockerfile import DockerfileError, ManagedPackages, add_packages, read_managed
 from ..dockerfile import remove_packages as drop_packages
-from ..identity import user_slug
+from ..identity import UserIds, user_slug
 from ..images import (
     Build,
     BuildSpec,
@@ -50,6 +50,7 @@ from ..projects import (
     read_workspace_file,
     validate_project_name,
     workspace_path,
+    write_new_file,
 )
 
 
@@ -249,13 +250,12 @@ class ImageManager:
         st = os.lstat(workspace)
         if not stat.S_ISDIR(st.st_mode):
             raise ProjectError(409, f"workspace {workspace} is not a directory")
-        tmp = workspace / f".{DOCKERFILE}.ds01-{secrets.token_hex(6)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
-            os.write(fd, text.encode("utf-8"))
-            os.fchown(fd, st.st_uid, st.st_gid)
-        finally:
-            os.close(fd)
+            owner = UserIds(st.st_uid, st.st_gid, "workspace owner")
+        except ValueError:
+            raise ProjectError(409, f"workspace {workspace} is owned by root") from None
+        tmp = workspace / f".{DOCKERFILE}.ds01-{secrets.token_hex(6)}"
+        write_new_file(tmp, text, owner)
         os.replace(tmp, workspace / DOCKERFILE)
 
     def rebuild(self, project: Project, *, nocache: bool = False) -> Build:
