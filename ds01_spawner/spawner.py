@@ -618,7 +618,10 @@ class DS01Spawner(DockerSpawner):
 
     async def _snapshot_image_packages(self) -> None:
         records = InstalledRecords(self.state_dir)
-        image_id = (await self.docker("inspect_container", self.object_id))["Image"]
+        try:
+            image_id = (await self.docker("inspect_container", self.object_id))["Image"]
+        except docker.errors.DockerException:
+            return  # the container is already gone: nothing to learn from it
         if records.image_packages(image_id) is None and self._ids is not None:
             text = await freeze_in_container(
                 self.object_id, self._ids.docker_user, self.save_packages_timeout
