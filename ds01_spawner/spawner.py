@@ -572,9 +572,10 @@ class DS01Spawner(DockerSpawner):
             self._events_changed = None
 
     async def _start(self) -> tuple[str, int]:
+        # validated (and checked against the user's other servers) just before,
+        # by apply_user_options; or here, if an admin replaced that hook
         request = self._request or self._validate(self.user_options)
         self._request = None
-        self._check_not_running_elsewhere(request.name)
         ids = self._resolve_ids()
         types = self.types()
         self._emit(2, f"{'Creating' if request.new else 'Opening'} project {request.name}")

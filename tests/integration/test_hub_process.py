@@ -79,12 +79,18 @@ def start(hub: HubProcess, user: str, server: str, options: dict) -> requests.Re
     )
 
 
-def test_restarted_hub_never_hands_out_a_gpu_a_surviving_container_holds(hub_process, engine):
-    hub = hub_process(DS01_SIMULATED_GPUS="2")
+def start_alice_on_a_gpu(hub: HubProcess, engine):
+    """Start the hub, and alice's server 'train' with one GPU; return its container."""
     hub.start()
     assert start(hub, "alice", "train", {"gpus": 1}).status_code in (201, 202)
     hub.wait_ready("alice", "train")
     (held,) = containers(engine, "alice")
+    return held
+
+
+def test_restarted_hub_never_hands_out_a_gpu_a_surviving_container_holds(hub_process, engine):
+    hub = hub_process(DS01_SIMULATED_GPUS="2")
+    held = start_alice_on_a_gpu(hub, engine)
     alice_gpu = held.labels[labels.GPU_UUIDS]
 
     hub.kill()
@@ -102,10 +108,7 @@ def test_restarted_hub_never_hands_out_a_gpu_a_surviving_container_holds(hub_pro
 
 def test_admin_sees_who_holds_which_gpu_in_the_ds01_service(hub_process, engine):
     hub = hub_process(DS01_SIMULATED_GPUS="2")
-    hub.start()
-    assert start(hub, "alice", "train", {"gpus": 1}).status_code in (201, 202)
-    hub.wait_ready("alice", "train")
-    (held,) = containers(engine, "alice")
+    held = start_alice_on_a_gpu(hub, engine)
 
     admin = hub.login("admin")
     r = admin.get(f"{hub.url}/services/ds01/api/gpus", timeout=30)  # OAuth through the hub
