@@ -11,6 +11,7 @@ Environment knobs:
   DS01_SIMULATED_GPUS   present N simulated GPUs instead of reading NVML   (0)
   DS01_PIP_INDEX_URL    a lab package mirror for image builds             (unset: PyPI)
   DS01_BUILD_NETWORK    network mode of image builds, e.g. host           (unset: default)
+  DS01_POLICY_FILE      the lab policy: limits, idle and runtime retirement  (./policy.yaml)
 """
 
 import os
@@ -55,6 +56,8 @@ if os.environ.get("DS01_PIP_INDEX_URL"):
     c.DS01Spawner.build_args = {"PIP_INDEX_URL": os.environ["DS01_PIP_INDEX_URL"]}
 if os.environ.get("DS01_BUILD_NETWORK"):
     c.DS01Spawner.build_network_mode = os.environ["DS01_BUILD_NETWORK"]
+# limits per group and user, idle and max-runtime retirement; edits apply without a restart
+c.DS01Spawner.policy_file = os.environ.get("DS01_POLICY_FILE", str(here / "policy.yaml"))
 
 # spawner class, hub networking, the ds01 service (GPU view) and its roles.
 # GPUs: NVML by default; DS01_SIMULATED_GPUS=N presents N pretend GPUs (passed as env only).

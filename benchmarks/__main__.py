@@ -79,7 +79,9 @@ async def run_all(quick: bool) -> dict:
                         )
                     continue
                 config = ds01_config(
-                    workdir / f"ds01{r}", simulated_gpus=STORM_GPUS, max_gpus_per_user=1
+                    workdir / f"ds01{r}",
+                    simulated_gpus=STORM_GPUS,
+                    policy={"defaults": {"max_gpus": 1}},
                 )
                 async with running_hub(config, engine) as hub:
                     user = hub.new_user("d")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import ipaddress
 import json
 import sys
@@ -11,7 +12,14 @@ from typing import Any
 import docker
 import docker.errors
 
+from .limits import PolicyError, load_policy
+from .projects import discover_types
+from .retirement import Notices
+
 ADMIN_SCOPE = "custom:ds01:admin"
+# what the ds01 service's own token may do: restart servers on a rebuilt image,
+# and retire them by policy (read who runs what since when, and in which groups)
+SERVICE_SCOPES = ["servers", "list:users", "read:users:activity", "read:users:groups"]
 
 
 def docker_bridge_ip(network: str = "bridge", fallback: str = "172.17.0.1") -> str:
@@ -54,8 +62,11 @@ def configure(
     - `simulated_gpus` > 0 presents that many pretend GPUs, to spawner and service.
 
     Call it after your own ``c.DS01Spawner`` settings: the service is given the
-    same workspace, state and build settings.
+    same workspace, state, build and policy settings. The policy is checked
+    here, so a broken policy file stops the hub at start, naming file, line
+    and key.
     """
+    check_policy(c)
     ip = docker_bridge_ip(network)
     c.JupyterHub.spawner_class = "ds01"
     c.JupyterHub.hub_ip = ip
@@ -88,11 +99,11 @@ def configure(
         *_get(c.JupyterHub, "load_roles", []),
         # everyone may sign in to the service (its pages check finer rights)
         {"name": "user", "scopes": ["self", "access:services!service=ds01"]},
-        # the service itself: stop and start servers for "restart into new image"
+        # the service itself: restarts on a rebuilt image, retirement by policy
         {
             "name": "ds01-service",
-            "description": "the ds01 service restarts servers on a rebuilt image",
-            "scopes": ["servers", "read:servers"],
+            "description": "the ds01 service restarts servers and retires them by policy",
+            "scopes": SERVICE_SCOPES,
             "services": ["ds01"],
         },
         {
@@ -104,6 +115,45 @@ def configure(
     ]
 
 
+    # retirement warnings and recent retirements, on every hub page of the user
+    c.JupyterHub.template_vars = {
+        **_get(c.JupyterHub, "template_vars", {}),
+        "announcement": retirement_notices(
+            _get(c.DS01Spawner, "state_dir", "/srv/ds01/state"),
+            _get(c.JupyterHub, "template_vars", {}).get("announcement", ""),
+        ),
+    }
+
+
+def check_policy(c: Any) -> None:
+    """Stop the hub (SystemExit) on a policy it could not enforce."""
+    spawner = c.DS01Spawner
+    types_dir = _get(spawner, "project_types_dir", None)
+    try:
+        known = list(discover_types(types_dir)) or None if types_dir else None
+    except OSError:
+        known = None
+    try:
+        load_policy(_get(spawner, "policy_file", ""), _get(spawner, "policy", {}), known)
+    except PolicyError as e:
+        message = f"ds01: the lab policy is invalid; the hub does not start.\n  {e}"
+        raise SystemExit(message) from None
+
+
+def retirement_notices(state_dir: str, announcement: Any = ""):
+    """The hub's announcement, per user: coming and recent retirements of their servers."""
+    notices = Notices(state_dir)
+
+    def render(user: Any) -> str:
+        static = announcement(user) if callable(announcement) else announcement
+        lines = [static] if static else []
+        if user is not None:
+            lines += [html.escape(n["message"]) for n in notices.warnings(user.name)]
+        return "<br>".join(lines)
+
+    return render
+
+
 _SHARED = (
     "workspace_root",
     "workspace_template",
@@ -113,6 +163,8 @@ _SHARED = (
     "max_concurrent_builds",
     "build_timeout",
     "build_args",
+    "policy_file",
+    "policy",
 )
 
 

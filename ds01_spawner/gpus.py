@@ -12,9 +12,15 @@ same GPU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import docker
 
@@ -33,6 +39,8 @@ class GpuPolicy:
     """The admin's rules for handing out GPUs (see DS01Spawner's gpu settings)."""
 
     max_per_user: float = 1.0  # GPU-equivalents across all of a user's servers
+    max_per_project: float | None = None  # GPU-equivalents one server may hold
+    allow_full_gpu: bool = True  # False: MIG slices only
     containers_per_gpu: int = 1  # 1: exclusive; N: up to N containers share a GPU
     reserved: frozenset[str] = frozenset()  # UUIDs or indices never handed out
     offer_mig: bool = False
@@ -60,6 +68,16 @@ class Holder:
     since: str
     fraction: float = 1.0
     container: str = ""
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A stopped project's GPU, kept for its owner until `until` (gpu_hold_after_stop)."""
+
+    uuid: str
+    user: str
+    project: str
+    until: float
 
 
 def holders_from_containers(containers: Iterable[dict]) -> list[Holder]:
@@ -107,19 +125,29 @@ def _index_key(slot: GpuSlot) -> tuple[int, ...]:
 
 
 def choose(
-    slots: list[GpuSlot], holders: list[Holder], request: GpuRequest, policy: GpuPolicy
+    slots: list[GpuSlot],
+    holders: list[Holder],
+    request: GpuRequest,
+    policy: GpuPolicy,
+    holds: Iterable[Hold] = (),
 ) -> list[GpuSlot]:
     """The GPUs (or MIG devices) to give `request`, or GpuRefusal saying why not.
 
     Among free ones, the least loaded first: most free memory, then lowest
     utilization as NVML reports them. A GPU no ds01 server holds but that a
     process outside the hub is using (memory or utilization over the policy's
-    thresholds) is not free.
+    thresholds) is not free. A GPU held for another user's stopped project
+    (`holds`) is not free either; one held for the requester is taken first.
     """
     if request.count <= 0:
         return []
     if request.mig and not policy.offer_mig:
         raise GpuRefusal("MIG slices are not offered on this server; ask for whole GPUs")
+    if not request.mig and not policy.allow_full_gpu:
+        advice = "ask for a MIG slice" if policy.offer_mig else "start without a GPU"
+        raise GpuRefusal(
+            f"your limits allow MIG slices only, not whole GPUs (allow_full_gpu); {advice}"
+        )
     # entries of this very server are about to be replaced, not competing
     holders = [h for h in holders if (h.user, h.server) != (request.user, request.server)]
     mine = [h for h in holders if h.user == request.user]
@@ -132,17 +160,40 @@ def choose(
         raise GpuRefusal(f"this server has no {noun} to hand out; start without a GPU")
 
     held = Counter(h.uuid for h in holders)
-    free, outside = [], 0
+    kept = {h.uuid: h for h in holds}
+    free, outside, kept_for_others = [], 0, 0
     for s in usable:
         if held[s.uuid] >= policy.containers_per_gpu:
             continue
-        if held[s.uuid] == 0 and _busy_outside(s, policy):
+        hold = kept.get(s.uuid)
+        if hold is not None and hold.user != request.user:
+            kept_for_others += 1
+            continue
+        if held[s.uuid] == 0 and hold is None and _busy_outside(s, policy):
             outside += 1
             continue
         free.append(s)
-    free.sort(key=lambda s: (held[s.uuid], -s.memory_free, s.utilization or 0, _index_key(s)))
+
+    def mine_first(s: GpuSlot) -> int:
+        hold = kept.get(s.uuid)
+        return 2 if hold is None else 0 if hold.project == request.project else 1
+
+    free.sort(
+        key=lambda s: (
+            mine_first(s),
+            held[s.uuid],
+            -s.memory_free,
+            s.utilization or 0,
+            _index_key(s),
+        )
+    )
 
     asked = sum(s.fraction for s in free[: request.count]) if request.mig else request.count
+    if policy.max_per_project is not None and asked > policy.max_per_project + 1e-9:
+        raise GpuRefusal(
+            f"one project may hold at most {_gpus(policy.max_per_project)} "
+            f"(max_gpus_per_project); you asked for {_gpus(asked)}"
+        )
     if used + asked > policy.max_per_user + 1e-9:
         projects = sorted({f"{h.project!r}" for h in mine})
         holding = (
@@ -156,8 +207,10 @@ def choose(
             f"asking for {_gpus(asked)} more would exceed it.{advice}"
         )
     if len(free) < request.count:
-        in_use = len(usable) - len(free) - outside
+        in_use = len(usable) - len(free) - outside - kept_for_others
         parts = [f"{in_use} held by running servers"] if in_use else []
+        if kept_for_others:
+            parts.append(f"{kept_for_others} kept for a stopped project's quick restart")
         if outside:
             parts.append(f"{outside} busy with work outside the hub")
         if free:
@@ -207,10 +260,12 @@ class GpuAllocator:
     async def slots(self) -> list[GpuSlot]:
         return await asyncio.to_thread(self.inventory.read)
 
-    async def allocate(self, request: GpuRequest, policy: GpuPolicy, since: str) -> list[GpuSlot]:
+    async def allocate(
+        self, request: GpuRequest, policy: GpuPolicy, since: str, holds: Iterable[Hold] = ()
+    ) -> list[GpuSlot]:
         async with self._guard():
             slots = await self.slots()
-            chosen = choose(slots, await self.ledger(), request, policy)
+            chosen = choose(slots, await self.ledger(), request, policy, holds)
             if chosen:
                 self._pending[(request.user, request.server)] = [
                     Holder(
@@ -229,6 +284,64 @@ class GpuAllocator:
     def settle(self, user: str, server: str) -> None:
         """The server's container now carries the labels (or will never exist)."""
         self._pending.pop((user, server), None)
+
+
+class GpuHolds:
+    """GPUs kept for the owners of stopped projects (`gpu_hold_after_stop`).
+
+    A hold outlives its container, so it cannot be a label: it is a small JSON
+    file in the state directory, changed under a file lock, and read (expired
+    entries dropped) on every GPU decision.
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = Path(state_dir) / "gpu_holds.json"
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self) -> list[Hold]:
+        try:
+            return [Hold(**entry) for entry in json.loads(self.path.read_text())]
+        except (OSError, ValueError, TypeError):
+            return []
+
+    def _write(self, holds: list[Hold]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps([asdict(h) for h in holds]))
+        os.replace(tmp, self.path)
+
+    def active(self, now: float | None = None) -> list[Hold]:
+        now = time.time() if now is None else now
+        return [h for h in self._read() if h.until > now]
+
+    def keep(self, user: str, project: str, uuids: Iterable[str], seconds: float) -> list[Hold]:
+        until = time.time() + seconds
+        new = [Hold(uuid, user, project, until) for uuid in uuids]
+        with self._locked():
+            taken = {h.uuid for h in new}
+            self._write([h for h in self.active() if h.uuid not in taken] + new)
+        return new
+
+    def release(self, user: str, project: str | None = None, uuids: Iterable[str] = ()) -> None:
+        """Drop `user`'s holds on `uuids`, or for `project` (its restart took them back)."""
+        gone = set(uuids)
+        with self._locked():
+            current = self.active()
+            kept = [
+                h
+                for h in current
+                if h.user != user or (h.uuid not in gone and h.project != project)
+            ]
+            if len(kept) != len(current):
+                self._write(kept)
 
 
 _allocators: dict[int, GpuAllocator] = {}
@@ -274,11 +387,21 @@ def _holder_row(h: Holder) -> dict:
     }
 
 
-def gpu_report(slots: list[GpuSlot], holders: list[Holder]) -> list[dict]:
+def _hold_row(hold: Hold | None) -> dict | None:
+    if hold is None:
+        return None
+    until = time.strftime("%H:%M", time.localtime(hold.until))
+    return {"user": hold.user, "project": hold.project, "until": hold.until, "until_text": until}
+
+
+def gpu_report(
+    slots: list[GpuSlot], holders: list[Holder], holds: Iterable[Hold] = ()
+) -> list[dict]:
     """Who holds which GPU, with what NVML says of it now: the admin view's rows."""
     by_uuid: dict[str, list[Holder]] = {}
     for h in holders:
         by_uuid.setdefault(h.uuid, []).append(h)
+    kept = {h.uuid: h for h in holds}
     rows = [
         {
             "index": s.index,
@@ -289,6 +412,7 @@ def gpu_report(slots: list[GpuSlot], holders: list[Holder]) -> list[dict]:
             "memory_total": s.memory_total,
             "utilization": s.utilization,
             "holders": [_holder_row(h) for h in by_uuid.pop(s.uuid, [])],
+            "kept_for": _hold_row(kept.get(s.uuid)),
         }
         for s in slots
     ]
@@ -303,6 +427,7 @@ def gpu_report(slots: list[GpuSlot], holders: list[Holder]) -> list[dict]:
             "memory_total": None,
             "utilization": None,
             "holders": [_holder_row(h) for h in hs],
+            "kept_for": None,
         }
         for uuid, hs in by_uuid.items()
     ]

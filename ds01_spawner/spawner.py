@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import json
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +31,7 @@ from traitlets import Bool, Callable, Dict, Enum, Float, Integer, List, Tuple, U
 from . import labels
 from .gpus import (
     GpuAllocator,
+    GpuHolds,
     GpuPolicy,
     GpuRefusal,
     GpuRequest,
@@ -48,6 +50,7 @@ from .images import (
     image_ref,
 )
 from .installed import InstalledRecords, added_in_container, freeze_in_container, parse_freeze
+from .limits import Limits, PolicyError, PolicyStore, format_size
 from .nvml import GpuSlot, GpuUnavailable
 from .projects import (
     DOCKERFILE,
@@ -65,6 +68,7 @@ from .projects import (
     workspace_path,
     write_new_file,
 )
+from .retirement import RetirementLog
 
 _REPO_TYPES = Path(__file__).resolve().parent.parent / "images" / "types"
 _templates = Environment(
@@ -224,6 +228,28 @@ class DS01Spawner(DockerSpawner):
         """,
     ).tag(config=True)
 
+    # ------------------------------------------------------------ lab policy
+
+    policy_file = Unicode(
+        "",
+        help="""YAML file of per-user and per-group limits (see policy.yaml in the repo).
+
+        Sections `defaults`, `groups` (JupyterHub groups; a user in several gets
+        the first one listed), `users` and `retirement`. Validated when the hub
+        starts (an error names the file, line and key and stops the hub) and
+        re-read whenever it changes: a broken edit keeps the previous policy in
+        force and is logged. Empty: only `policy` applies.
+        """,
+    ).tag(config=True)
+
+    policy = Dict(
+        help="""The same limits as `policy_file`, as a dict, for jupyterhub_config.py.
+
+        E.g. {"defaults": {"memory": "8G", "max_gpus": 1}, "groups": {"faculty":
+        {"max_gpus": 2}}}. Where both set a value, the file wins.
+        """,
+    ).tag(config=True)
+
     # ------------------------------------------------------------ GPUs
 
     simulated_gpus = Integer(
@@ -247,24 +273,6 @@ class DS01Spawner(DockerSpawner):
         only (no isolation; for engines without NVIDIA support). All three set
         NVIDIA_VISIBLE_DEVICES and CUDA_VISIBLE_DEVICES to the UUIDs.
         """,
-    ).tag(config=True)
-
-    max_gpus_per_user = Float(
-        1.0,
-        help="GPU-equivalents a user may hold across all their running servers (MIG: slices/7).",
-    ).tag(config=True)
-
-    group_max_gpus = Dict(
-        value_trait=Float(),
-        help="""Per-group overrides of max_gpus_per_user, e.g. {"faculty": 2, "students": 0.5}.
-
-        The first group in this dict's order that the user belongs to wins.
-        """,
-    ).tag(config=True)
-
-    user_max_gpus = Dict(
-        value_trait=Float(),
-        help="Per-user overrides of max_gpus_per_user; they win over group_max_gpus.",
     ).tag(config=True)
 
     containers_per_gpu = Integer(
@@ -351,19 +359,34 @@ class DS01Spawner(DockerSpawner):
     def gpu_allocator(self) -> GpuAllocator:
         return gpu_allocator(self.simulated_gpus)
 
-    def gpu_limit(self) -> float:
-        """This user's GPU limit: per-user override, else first matching group, else default."""
-        if self.user.name in self.user_max_gpus:
-            return self.user_max_gpus[self.user.name]
-        groups = {g.name for g in self.user.groups}
-        for group, limit in self.group_max_gpus.items():
-            if group in groups:
-                return limit
-        return self.max_gpus_per_user
+    _policies: ClassVar[dict[tuple[str, str], PolicyStore]] = {}
 
-    def gpu_policy(self) -> GpuPolicy:
+    @property
+    def policy_store(self) -> PolicyStore:
+        """This hub's policy (one per file and settings: every spawner shares it)."""
+        key = (self.policy_file, json.dumps(self.policy, sort_keys=True, default=str))
+        if key not in self._policies:
+            self._policies[key] = PolicyStore(self.policy_file, self.policy, self.types())
+        return self._policies[key]
+
+    def limits(self) -> Limits:
+        """This user's limits under the policy in force now."""
+        try:
+            policy = self.policy_store.current()
+        except PolicyError as e:
+            raise refusal(
+                f"the lab policy cannot be read, so no server can start: {e}. "
+                "Tell the hub's admin.",
+                reason="policy",
+                status_code=500,
+            ) from None
+        return policy.resolve(self.user.name, [g.name for g in self.user.groups])
+
+    def gpu_policy(self, limits: Limits) -> GpuPolicy:
         return GpuPolicy(
-            max_per_user=self.gpu_limit(),
+            max_per_user=limits.max_gpus,
+            max_per_project=limits.max_gpus_per_project,
+            allow_full_gpu=limits.allow_full_gpu,
             containers_per_gpu=self.containers_per_gpu,
             reserved=frozenset(self.gpus_reserved),
             offer_mig=self.offer_mig,
@@ -379,12 +402,17 @@ class DS01Spawner(DockerSpawner):
     def user_slug(self) -> str:
         return user_slug(self.user.name)
 
+    @property
+    def gpu_holds(self) -> GpuHolds:
+        return GpuHolds(self.state_dir)
+
     def types(self) -> dict[str, ProjectType]:
         return discover_types(self.project_types_dir, self.project_types or None)
 
     # ------------------------------------------------------------ per-server state
 
     _request: ProjectRequest | None = None
+    _limits: Limits | None = None
     _project: Project | None = None
     _ids: UserIds | None = None
     _workspace: str = ""
@@ -469,7 +497,40 @@ class DS01Spawner(DockerSpawner):
         except InvalidRequest as e:
             raise refusal(str(e), reason="invalid_options", status_code=400) from None
         self._check_not_running_elsewhere(request.name)
+        self._limits = self.limits()
+        self._check_limits(request, self._limits)
         return request
+
+    def _check_limits(self, request: ProjectRequest, limits: Limits) -> None:
+        """The policy's limits a request can break before anything exists (403/409)."""
+        if not limits.allows_type(request.type):
+            allowed = ", ".join(limits.allowed_types or ()) or "none"
+            raise refusal(
+                f"project type {request.type!r} is not allowed for you (allowed_types: "
+                f"{allowed}); choose another type, or ask the hub's admin",
+                reason="policy",
+                status_code=403,
+            )
+        if limits.max_running_projects is None:
+            return
+        running = sorted(
+            getattr(other._project, "name", None) or name or "default"
+            for name, other in self.user.spawners.items()
+            if other is not self and name != self.name and other.active
+        )
+        if len(running) >= limits.max_running_projects:
+            noun = "project" if len(running) == 1 else "projects"
+            advice = (
+                f"stop one of {', '.join(running)} first"
+                if running
+                else "ask the hub's admin for more"
+            )
+            raise refusal(
+                f"you run {len(running)} {noun}, your limit is {limits.max_running_projects} "
+                f"(max_running_projects): {advice}",
+                reason="policy",
+                status_code=409,
+            )
 
     def _check_not_running_elsewhere(self, project: str) -> None:
         for name, other in self.user.spawners.items():
@@ -489,13 +550,14 @@ class DS01Spawner(DockerSpawner):
     async def render_options_form(self) -> str:
         projects = self.store.list(self.user_slug)
         fixed = bool(self.name) and self.name in {p.name for p in projects}
-        gpus = await self._gpu_choices()
+        limits = self.limits()
+        gpus = await self._gpu_choices(limits)
         if fixed and not gpus["max"]:
             return ""  # a named server's project is fixed and there is nothing else to pick
         return _templates.get_template("options_form.html").render(
             projects=projects,
             built=await self._built_projects(),
-            types=self.types(),
+            types={k: t for k, t in self.types().items() if limits.allows_type(k)},
             default_type=self.default_project_type,
             server_name=self.name,
             fixed_project=fixed,
@@ -503,9 +565,11 @@ class DS01Spawner(DockerSpawner):
             gpus=gpus,
         )
 
-    async def _gpu_choices(self) -> dict[str, Any]:
+    async def _gpu_choices(self, limits: Limits) -> dict[str, Any]:
         """What the picker offers: up to `max` whole GPUs, MIG, and how many are free now."""
-        limit = self.gpu_limit()
+        limit = limits.max_gpus
+        if limits.max_gpus_per_project is not None:
+            limit = min(limit, limits.max_gpus_per_project)
         if limit <= 0:
             return {"max": 0, "mig": False, "note": ""}
         allocator = self.gpu_allocator
@@ -518,7 +582,7 @@ class DS01Spawner(DockerSpawner):
         held = {h.uuid for h in ledger}
         free = sum(s.uuid not in held for s in whole)
         return {
-            "max": min(int(limit), len(whole)),
+            "max": min(int(limit), len(whole)) if limits.allow_full_gpu else 0,
             "mig": self.offer_mig and any(s.is_mig for s in slots),
             "note": f"{free} of {len(whole)} GPUs free right now; your limit is {limit:g}.",
         }
@@ -575,13 +639,14 @@ class DS01Spawner(DockerSpawner):
         # validated (and checked against the user's other servers) just before,
         # by apply_user_options; or here, if an admin replaced that hook
         request = self._request or self._validate(self.user_options)
+        limits = self._limits or self.limits()
         self._request = None
         ids = self._resolve_ids()
         types = self.types()
         self._emit(2, f"{'Creating' if request.new else 'Opening'} project {request.name}")
         gpu_request = GpuRequest(self.user.name, request.name, self.name, request.gpus, request.mig)
         if gpu_request.count:
-            await self._check_gpus(gpu_request)  # refuse early, before a long build
+            await self._check_gpus(gpu_request, limits)  # refuse early, before a long build
         project, workspace = self._open_project(request, ids, types)
         self._unsaved = self._unsaved_packages(project)
         image = await self._ensure_image(project, workspace, ids)
@@ -590,7 +655,8 @@ class DS01Spawner(DockerSpawner):
         self._store_user_options(request)
         self.image = image  # re-renders object_name from name_template
         self.object_name = self._render_templates(self.name_template)
-        self._gpus = await self._assign_gpus(gpu_request) if gpu_request.count else []
+        self._gpus = await self._assign_gpus(gpu_request, limits) if gpu_request.count else []
+        self._apply_container_limits(limits)
         self._emit(_CONTAINER, f"Starting container {self.object_name}")
         try:
             ip_port = await super().start()
@@ -651,23 +717,55 @@ class DS01Spawner(DockerSpawner):
         if added:
             self.log.info("%s installed %s beyond its image", self.object_name, added[:20])
 
-    async def _check_gpus(self, request: GpuRequest) -> None:
+    async def _check_gpus(self, request: GpuRequest, limits: Limits) -> None:
         """Would `request` get GPUs now? Raise the refusal if not (nothing is held)."""
         try:
             allocator = self.gpu_allocator
-            choose(await allocator.slots(), await allocator.ledger(), request, self.gpu_policy())
+            choose(
+                await allocator.slots(),
+                await allocator.ledger(),
+                request,
+                self.gpu_policy(limits),
+                self.gpu_holds.active(),
+            )
         except (GpuRefusal, GpuUnavailable) as e:
             raise self._gpu_refusal(e) from None
 
-    async def _assign_gpus(self, request: GpuRequest) -> list[GpuSlot]:
+    async def _assign_gpus(self, request: GpuRequest, limits: Limits) -> list[GpuSlot]:
         self._gpus_since = labels.now_iso()
+        holds = self.gpu_holds
         try:
-            chosen = await self.gpu_allocator.allocate(request, self.gpu_policy(), self._gpus_since)
+            chosen = await self.gpu_allocator.allocate(
+                request, self.gpu_policy(limits), self._gpus_since, holds.active()
+            )
         except (GpuRefusal, GpuUnavailable) as e:
             raise self._gpu_refusal(e) from None
+        # a hold ends when its owner takes the GPU (or the project) back
+        holds.release(self.user.name, request.project, [s.uuid for s in chosen])
         for slot in chosen:
             self._emit(_CONTAINER, f"Assigned GPU {slot.index} ({slot.name}, {slot.uuid})")
         return chosen
+
+    def _apply_container_limits(self, limits: Limits) -> None:
+        """CPU and memory as DockerSpawner's own settings (they also reach the server as
+        CPU_LIMIT / MEM_LIMIT); shm and pids are set in `_harden`."""
+        self._limits = limits
+        if limits.memory is not None:
+            self.mem_limit = limits.memory
+        if limits.max_cpus is not None:
+            self.cpu_limit = limits.max_cpus
+        shown = [
+            f"{name} {value}"
+            for name, value in (
+                ("CPUs", limits.max_cpus),
+                ("memory", format_size(limits.memory) if limits.memory else None),
+                ("/dev/shm", format_size(limits.shm_size) if limits.shm_size else None),
+                ("processes", limits.pids_limit),
+            )
+            if value is not None
+        ]
+        if shown:
+            self._emit(_CONTAINER, f"Limits: {', '.join(shown)}")
 
     def _gpu_refusal(self, e: Exception) -> SpawnException:
         if isinstance(e, GpuUnavailable):
@@ -779,10 +877,37 @@ class DS01Spawner(DockerSpawner):
         project = self._project.name if self._project else "?"
         container = self.object_id
         await self._record_installed()
+        held = await self._gpus_to_keep(project)
         await super().stop(now=now)
+        if held:
+            seconds, uuids = held
+            self.gpu_holds.keep(self.user.name, project, uuids, seconds)
+            self.log.info(
+                "GPU %s kept for %s/%s for %ss", ",".join(uuids), self.user.name, project, seconds
+            )
         if container:
             await self._wait_gone(container)
         self.log.info("Retired %s (project %s) of %s", self.object_name, project, self.user.name)
+
+    async def _gpus_to_keep(self, project: str) -> tuple[float, list[str]] | None:
+        """The GPUs to keep for a quick restart (`gpu_hold_after_stop`): not after a
+        retirement by policy, whose point is to free them."""
+        if not self.object_id:
+            return None
+        try:
+            inspected = await self.docker("inspect_container", self.object_id)
+        except docker.errors.DockerException:
+            return None
+        uuids = [u for u in inspected["Config"]["Labels"].get(labels.GPU_UUIDS, "").split(",") if u]
+        if not uuids:
+            return None
+        try:
+            seconds = self.limits().gpu_hold_after_stop
+        except SpawnException:
+            return None
+        if not seconds or RetirementLog(self.state_dir).retired_lately(self.user.name, self.name):
+            return None
+        return seconds, uuids
 
     async def _wait_gone(self, container: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -857,9 +982,27 @@ class DS01Spawner(DockerSpawner):
                 ]
             elif self.gpu_passing == "nvidia_runtime":
                 host["Runtime"] = "nvidia"
+        self._harden_limits(host)
         host["SecurityOpt"] = sorted({*(host.get("SecurityOpt") or []), "no-new-privileges"})
         host["CapDrop"] = ["ALL"]
         host.pop("CapAdd", None)
         host["Privileged"] = False
         host.setdefault("Init", True)  # reap the zombies terminals and kernels leave behind
         return kwargs
+
+    def _harden_limits(self, host: dict[str, Any]) -> None:
+        """The policy's container limits, over any extra_host_config."""
+        limits = self._limits
+        if limits is None:
+            return
+        if limits.memory is not None:
+            host["Memory"] = limits.memory
+            host["MemorySwap"] = limits.memory  # no swap on top of the limit
+        if limits.max_cpus is not None:
+            host["CpuPeriod"] = 100_000
+            host["CpuQuota"] = int(limits.max_cpus * 100_000)
+            host.pop("NanoCpus", None)
+        if limits.shm_size is not None:
+            host["ShmSize"] = limits.shm_size
+        if limits.pids_limit is not None:
+            host["PidsLimit"] = limits.pids_limit

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from ds01_spawner import labels
 from ds01_spawner.gpus import (
     GpuAllocator,
+    GpuHolds,
     GpuPolicy,
     GpuRefusal,
     GpuRequest,
+    Hold,
     Holder,
     choose,
     gpu_labels,
@@ -668,3 +671,44 @@ def test_limit_refusal_without_holdings_has_no_dangling_advice():
     with pytest.raises(GpuRefusal) as refused:
         choose([gpu(0)], [], ask(), GpuPolicy(max_per_user=0))
     assert str(refused.value).endswith("would exceed it.")
+
+
+# ---------------------------------------------------------------- policy limits and holds
+
+
+def test_max_per_project_counts_gpu_equivalents():
+    slots = [gpu(i) for i in range(4)]
+    policy = GpuPolicy(max_per_user=4, max_per_project=2)
+    with pytest.raises(GpuRefusal, match=r"at most 2 GPUs \(max_gpus_per_project\)"):
+        choose(slots, [], GpuRequest("a", "p", "p", 3), policy)
+    assert len(choose(slots, [], GpuRequest("a", "p", "p", 2), policy)) == 2
+
+
+def test_mig_only_users_get_no_whole_gpu():
+    policy = GpuPolicy(allow_full_gpu=False, offer_mig=True)
+    with pytest.raises(GpuRefusal, match=r"MIG slices only.*ask for a MIG slice"):
+        choose([gpu(0)], [], GpuRequest("a", "p", "p", 1), policy)
+
+
+def test_a_kept_gpu_is_not_free_for_others_and_first_for_its_owner():
+    slots = [gpu(0), gpu(1)]
+    hold = [Hold(slots[1].uuid, "alice", "thesis", until=2e9)]
+    (bobs,) = choose(slots, [], GpuRequest("bob", "x", "x", 1), GpuPolicy(), hold)
+    assert bobs.uuid == slots[0].uuid
+    (alices,) = choose(slots, [], GpuRequest("alice", "thesis", "t", 1), GpuPolicy(), hold)
+    assert alices.uuid == slots[1].uuid
+    taken = [Holder(slots[0].uuid, "carol", "c", "c", "")]
+    with pytest.raises(GpuRefusal, match="1 kept for a stopped project's quick restart"):
+        choose(slots, taken, GpuRequest("bob", "x", "x", 1), GpuPolicy(), hold)
+
+
+def test_holds_expire_and_are_released(tmp_path):
+    holds = GpuHolds(str(tmp_path))
+    holds.keep("alice", "thesis", ["G1", "G2"], seconds=60)
+    holds.keep("bob", "x", ["G3"], seconds=60)
+    assert {h.uuid for h in holds.active()} == {"G1", "G2", "G3"}
+    assert holds.active(now=time.time() + 120) == []
+    holds.release("alice", "thesis")
+    assert {h.uuid for h in holds.active()} == {"G3"}
+    holds.release("bob", uuids=["G3"])
+    assert holds.active() == []

@@ -17,9 +17,12 @@ from traitlets.config import Application, Config
 from ..configure import ADMIN_SCOPE
 from ..gpus import gpu_allocator
 from ..images import BuildRecords, ImageBuilder, default_client
+from ..limits import PolicyStore
 from .gpus import GpuHandler
+from .limits import LimitsHandler, PolicyReloadHandler
 from .manager import HubClient, ImageManager, Settings
 from .projects import BuildEventsHandler, ProjectActionHandler, ProjectHandler, ProjectListHandler
+from .retirer import Retirer
 
 
 class DS01Service(Application):
@@ -68,6 +71,12 @@ class DS01Service(Application):
     max_concurrent_builds = Integer(2, help="Builds the page runs at once.").tag(config=True)
     build_timeout = Integer(3600, help="As DS01Spawner.build_timeout.").tag(config=True)
     build_args = Dict(Unicode(), help="As DS01Spawner.build_args.").tag(config=True)
+    policy_file = Unicode("", help="As DS01Spawner.policy_file.").tag(config=True)
+    policy = Dict(help="As DS01Spawner.policy.").tag(config=True)
+    retire_by_policy = Bool(
+        True,
+        help="Run the retirement loop (max_runtime, idle_timeout). Off: limits page only.",
+    ).tag(config=True)
     allow_url_packages = Bool(
         False, help="Accept `name @ https://...` pip specs (direct references) on the page."
     ).tag(config=True)
@@ -103,14 +112,23 @@ class DS01Service(Application):
             builder,
             hub,
         )
+        allocator = gpu_allocator(self.simulated_gpus)
+        self.retirer = Retirer(
+            hub or HubClient(os.environ.get("JUPYTERHUB_API_URL", "http://127.0.0.1:8081"), ""),
+            PolicyStore(self.policy_file, self.policy),
+            allocator,
+            self.state_dir,
+        )
         settings = {
             "manager": manager,
+            "retirer": self.retirer,
+            "state_dir": self.state_dir,
             "hub_auth": hub_auth,
             "cookie_secret": os.urandom(32),
             "xsrf_cookies": True,
             "ds01": self,
             "templates": templates,
-            "allocator": gpu_allocator(self.simulated_gpus),
+            "allocator": allocator,
             "hub_base_url": os.environ.get("JUPYTERHUB_BASE_URL", "/"),
         }
         return web.Application(
@@ -127,6 +145,8 @@ class DS01Service(Application):
                 ),
                 (url_path_join(prefix, f"(?:api/)?images/{project}/events"), BuildEventsHandler),
                 (url_path_join(prefix, "(?:api/)?gpus"), GpuHandler),
+                (url_path_join(prefix, "(?:api/)?limits"), LimitsHandler),
+                (url_path_join(prefix, "(?:api/)?policy/reload"), PolicyReloadHandler),
                 (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),
             ],
             **settings,
@@ -136,6 +156,9 @@ class DS01Service(Application):
         where = urlparse(self.url)
         self.make_app().listen(where.port or 80, where.hostname or "127.0.0.1")
         self.log.info("ds01 service at %s%s", self.url, self.prefix)
+        if self.retire_by_policy and self.retirer.hub.token:
+            ioloop.IOLoop.current().add_callback(self.retirer.start)
+            self.log.info("Retiring servers by the policy of %s", self.policy_file or "config")
         ioloop.IOLoop.current().start()
 
 

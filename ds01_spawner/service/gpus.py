@@ -6,26 +6,28 @@ from typing import Any
 
 from tornado import web
 
-from ..gpus import GpuAllocator, gpu_report
+from ..gpus import GpuAllocator, GpuHolds, gpu_report
 from ..nvml import GpuUnavailable
 from .base import BaseHandler
 
 
-async def gpu_view(allocator: GpuAllocator) -> dict[str, Any]:
-    """Every GPU, what NVML says of it now, and who holds it (user, project, since)."""
+async def gpu_view(allocator: GpuAllocator, holds: GpuHolds) -> dict[str, Any]:
+    """Every GPU, what NVML says of it now, who holds it (user, project, since), and
+    for whom a stopped project's GPU is kept."""
     try:
         slots = await allocator.slots()
         error = None
     except GpuUnavailable as e:
         slots, error = [], str(e)
-    return {"gpus": gpu_report(slots, await allocator.ledger()), "error": error}
+    report = gpu_report(slots, await allocator.ledger(), holds.active())
+    return {"gpus": report, "error": error}
 
 
 class GpuHandler(BaseHandler):
     @web.authenticated
     async def get(self) -> None:
         self.require_admin()
-        view = await gpu_view(self.settings["allocator"])
+        view = await gpu_view(self.settings["allocator"], GpuHolds(self.settings["state_dir"]))
         if self.is_api:
             self.write_json(view)
         else:

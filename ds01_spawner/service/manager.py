@@ -76,17 +76,19 @@ class Settings:
 
 
 class HubClient:
-    """The few hub API calls the service makes, with its own token (scopes: servers)."""
+    """The hub API calls the service makes, with its own token (see configure.py's roles)."""
 
     def __init__(self, api_url: str, token: str) -> None:
         self.api_url = api_url.rstrip("/")
         self.token = token
 
-    async def call(self, method: str, path: str, body: Any = None) -> Any:
+    async def call(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> Any:
         request = HTTPRequest(
             f"{self.api_url}/{path}",
             method=method,
-            headers={"Authorization": f"token {self.token}"},
+            headers={"Authorization": f"token {self.token}", **(headers or {})},
             body=None if body is None else json.dumps(body),
             allow_nonstandard_methods=True,
             request_timeout=60,

@@ -19,7 +19,7 @@ def gpu_of(container) -> str:
 
 
 async def test_gpu_is_assigned_labelled_passed_and_released(hub):
-    h = await hub(simulated_gpus=2, max_gpus_per_user=2.0)
+    h = await hub(simulated_gpus=2, policy={"defaults": {"max_gpus": 2}})
     alice, bob = h.new_user(), h.new_user()
     _, events = await h.start_watching(alice, "train", {"gpus": 1})
     await h.wait_ready(alice, "train")
@@ -87,7 +87,7 @@ async def test_gpu_freed_when_container_is_removed_behind_the_hubs_back(hub, dir
 
 
 async def test_limit_counts_every_project_of_the_user(hub):
-    h = await hub(simulated_gpus=4, max_gpus_per_user=1.0)
+    h = await hub(simulated_gpus=4, policy={"defaults": {"max_gpus": 1}})
     user = h.new_user()
     await h.start(user, "thesis", {"gpus": 1})
     r = await h.request_start(user, "paper", {"gpus": 1})
@@ -99,7 +99,10 @@ async def test_limit_counts_every_project_of_the_user(hub):
 
 
 async def test_per_user_and_group_overrides(hub):
-    h = await hub(simulated_gpus=4, max_gpus_per_user=0.0, group_max_gpus={"faculty": 2.0})
+    h = await hub(
+        simulated_gpus=4,
+        policy={"defaults": {"max_gpus": 0}, "groups": {"faculty": {"max_gpus": 2}}},
+    )
     student, prof = h.new_user(), h.new_user()
     from jupyterhub import orm
 

@@ -85,7 +85,7 @@ async def test_named_server_with_existing_project_skips_the_picker(hub):
 
 
 async def test_picker_offers_gpus_up_to_the_limit_and_starts_with_one(hub):
-    h = await hub(simulated_gpus=4, max_gpus_per_user=2.0)
+    h = await hub(simulated_gpus=4, policy={"defaults": {"max_gpus": 2}})
     user = h.new_user()
     cookies = await h.app.login_user(user)
     page = (await get_page(f"spawn/{user}", h.app, cookies=cookies)).text

@@ -1,0 +1,515 @@
+"""The lab policy: per-user and per-group limits, from one YAML file (or traitlets).
+
+    defaults:              # everyone
+      memory: 16G
+      max_gpus: 1
+    groups:                # JupyterHub groups; a user in several: the first listed here wins
+      students: {max_gpus: 0.5, allow_full_gpu: false}
+    users:
+      alice: {max_runtime: 3d}
+    retirement:            # how the hub retires servers by policy (not per user)
+      check_interval: 1m
+
+A limit resolves user -> first matching group -> defaults -> built-in default,
+key by key. Everything here is pure: `parse_policy` turns text (or a dict)
+into a `Policy` or raises `PolicyError` naming the file, line and key;
+`PolicyStore` is the one I/O edge, re-reading the file when it changes and
+keeping the last good policy when the new text is broken.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger("ds01.policy")
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be used; the message names where (file, line, key) and why."""
+
+    def __init__(self, message: str, *, source: str = "", line: int | None = None, key: str = ""):
+        self.source, self.line, self.key, self.reason = source, line, key, message
+        where = ", ".join(
+            part
+            for part in (source, f"line {line}" if line else "", f"key {key}" if key else "")
+            if part
+        )
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+# ---------------------------------------------------------------- values
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s)", re.I)
+_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_OFF = {"none", "off", "never", "unlimited"}
+
+
+def parse_duration(value: Any) -> float | None:
+    """'30m', '1.5h', '2d', '1h30m', '45s' -> seconds; 'none'/null -> no limit."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in _OFF):
+        return None
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a duration; write it with a unit: 30m, 1.5h, 2d")
+    text = value.strip().replace(" ", "")
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts).lower() != text.lower():
+        raise ValueError(f"{value!r} is not a duration; write it with a unit: 30m, 1.5h, 2d")
+    seconds = sum(float(n) * _UNITS[u.lower()] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"{value!r} is zero; write none for no limit")
+    return seconds
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.I)
+
+
+def parse_size(value: Any) -> int | None:
+    """'512M', '16G', '2GiB', or bytes -> bytes (binary units, as Docker reads them)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in _OFF):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size; write e.g. 512M or 16G")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.fullmatch(str(value).strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a size; write e.g. 512M or 16G")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** " kmgt".index(unit or " "))
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "none"
+    seconds = max(0, round(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and (seconds * 10) % size == 0:  # 1.5h, not 1.52h
+            return f"{seconds / size:.1f}".removesuffix(".0") + unit
+    return f"{seconds}s"
+
+
+def format_size(size: int | None) -> str:
+    if size is None:
+        return "none"
+    for unit, power in (("T", 4), ("G", 3), ("M", 2), ("K", 1)):
+        if size >= 1024**power:
+            return f"{size / 1024**power:.1f}".rstrip("0").rstrip(".") + unit
+    return f"{size}B"
+
+
+# ---------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one user may do; None means no limit. Per container unless the name says."""
+
+    max_cpus: float | None = None
+    memory: int | None = None  # bytes; swap is not added on top
+    shm_size: int | None = None  # bytes of /dev/shm (Docker's own default: 64M)
+    pids_limit: int | None = None
+    max_running_projects: int | None = None  # per user
+    max_gpus: float = 1.0  # per user, across running projects, in GPU-equivalents
+    max_gpus_per_project: float | None = None  # GPU-equivalents one server may hold
+    allow_full_gpu: bool = True  # False: MIG slices only
+    max_runtime: float | None = None  # seconds
+    idle_timeout: float | None = None  # seconds
+    gpu_hold_after_stop: float | None = None  # seconds a stopped project's GPU stays its own
+    allowed_types: tuple[str, ...] | None = None  # project types; None: all
+    # where each value came from: "users.alice", "groups.students", "defaults", "built-in"
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def allows_type(self, project_type: str) -> bool:
+        return self.allowed_types is None or project_type in self.allowed_types
+
+    def describe(self) -> dict[str, Any]:
+        """Each limit as people write it, with its source: the "check limits" rows."""
+        return {
+            name: {"value": _show(name, getattr(self, name)), "source": self.sources.get(name, "")}
+            for name in LIMIT_KEYS
+        }
+
+
+def _show(name: str, value: Any) -> Any:
+    if name in _DURATIONS:
+        return format_duration(value)
+    if name in _SIZES:
+        return format_size(value)
+    if name == "allowed_types":
+        return "all" if value is None else ", ".join(value) or "none"
+    return "none" if value is None else value
+
+
+def _number(kind: type, low: float, high: float | None = None, *, off: bool = True):
+    def parse(value: Any) -> Any:
+        if off and (value is None or (isinstance(value, str) and value.lower() in _OFF)):
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{value!r} is not a number")
+        if kind is int and value != int(value):
+            raise ValueError(f"{value!r} is not a whole number")
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            bound = f"at least {low:g}" + (f" and at most {high:g}" if high is not None else "")
+            raise ValueError(f"{value!r} is impossible: it must be {bound}")
+        return kind(value)
+
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
+def _types(value: Any) -> tuple[str, ...] | None:
+    if value is None or value == "all":
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{value!r} is not a list of project types (or all)")
+    return tuple(value)
+
+
+def _size_at_least(minimum: int, what: str):
+    def parse(value: Any) -> int | None:
+        size = parse_size(value)
+        if size is not None and size < minimum:
+            least = format_size(minimum)
+            raise ValueError(f"{value!r} is impossible: {what} needs at least {least}")
+        return size
+
+    return parse
+
+
+_DURATIONS = {"max_runtime", "idle_timeout", "gpu_hold_after_stop"}
+_SIZES = {"memory", "shm_size"}
+_PARSERS = {
+    "max_cpus": _number(float, 0.01),
+    "memory": _size_at_least(64 * 1024**2, "a JupyterLab server"),
+    "shm_size": _size_at_least(1024**2, "/dev/shm"),
+    "pids_limit": _number(int, 32),
+    "max_running_projects": _number(int, 0),
+    "max_gpus": _number(float, 0, off=False),
+    "max_gpus_per_project": _number(float, 0),
+    "allow_full_gpu": _bool,
+    "max_runtime": parse_duration,
+    "idle_timeout": parse_duration,
+    "gpu_hold_after_stop": parse_duration,
+    "allowed_types": _types,
+}
+LIMIT_KEYS = tuple(_PARSERS)
+
+
+@dataclass(frozen=True)
+class RetirementSettings:
+    """How the hub retires servers by policy (the `retirement` section)."""
+
+    check_interval: float = 60.0
+    warn_before: float = 900.0  # a notice this long before a retirement
+    gpu_busy_percent: float = 5.0  # a GPU at or above this utilization is in use
+    high_demand_share: float = 0.8  # more than this share of GPUs allocated ...
+    high_demand_idle_factor: float = 0.5  # ... multiplies GPU servers' idle timeouts by this
+
+
+_RETIREMENT = {
+    "check_interval": parse_duration,
+    "warn_before": parse_duration,
+    "gpu_busy_percent": _number(float, 0, 100, off=False),
+    "high_demand": None,  # a section: share, idle_factor
+}
+_HIGH_DEMAND = {
+    "share": _number(float, 0, 1, off=False),
+    "idle_factor": _number(float, 0.01, 1, off=False),
+}
+_SECTIONS = ("defaults", "groups", "users", "retirement")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Parsed, validated limits; `resolve` gives one user's."""
+
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    groups: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # in priority order
+    users: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    retirement: RetirementSettings = RetirementSettings()
+    source: str = "built-in defaults"
+
+    def resolve(self, user: str, groups: Iterable[str] = ()) -> Limits:
+        """user -> the first of the user's groups in the policy's order -> defaults."""
+        mine = set(groups)
+        group = next((g for g in self.groups if g in mine), None)
+        layers = [
+            (f"users.{user}", self.users.get(user, {})),
+            (f"groups.{group}", self.groups.get(group, {}) if group else {}),
+            ("defaults", self.defaults),
+        ]
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for name in LIMIT_KEYS:
+            for where, layer in layers:
+                if name in layer:
+                    values[name], sources[name] = layer[name], where
+                    break
+            else:
+                sources[name] = "built-in"
+        return Limits(**values, sources=sources)
+
+    def group_for(self, groups: Iterable[str]) -> str | None:
+        mine = set(groups)
+        return next((g for g in self.groups if g in mine), None)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+class _Located:
+    """Values from YAML with the line of each key, to point errors at the file."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.lines: dict[str, int] = {}
+
+    def error(self, key: str, message: str) -> PolicyError:
+        return PolicyError(message, source=self.source, line=self.lines.get(key), key=key)
+
+    def convert(self, node: yaml.Node, path: str) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                key = self.convert(key_node, path)
+                if not isinstance(key, str):
+                    raise PolicyError(
+                        f"{key!r} is not a name", source=self.source, line=_line(key_node), key=path
+                    )
+                where = f"{path}.{key}" if path else key
+                if key in out:
+                    raise PolicyError(
+                        f"given twice (first on line {self.lines[where]})",
+                        source=self.source,
+                        line=_line(key_node),
+                        key=where,
+                    )
+                self.lines[where] = _line(key_node)
+                out[key] = self.convert(value_node, where)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.convert(v, path) for v in node.value]
+        return yaml.SafeLoader("").construct_object(node, deep=True)  # a scalar, as YAML types it
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def load_policy_text(text: str, source: str) -> tuple[dict[str, Any], _Located]:
+    located = _Located(source)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e)
+        raise PolicyError(
+            f"not valid YAML: {problem}", source=source, line=mark.line + 1 if mark else None
+        ) from None
+    raw = {} if node is None else located.convert(node, "")
+    if not isinstance(raw, dict):
+        raise PolicyError("the policy must be a mapping of sections", source=source, line=1)
+    return raw, located
+
+
+def parse_policy(
+    raw: Mapping[str, Any],
+    *,
+    source: str = "c.DS01Spawner.policy",
+    located: _Located | None = None,
+    known_types: Iterable[str] | None = None,
+) -> Policy:
+    """Validate a policy mapping; every error names its key (and line, from a file)."""
+    at = located or _Located(source)
+    for section in raw:
+        if section not in _SECTIONS:
+            raise at.error(section, f"unknown section; use {', '.join(_SECTIONS)}")
+    defaults = _limits(raw.get("defaults"), "defaults", at, known_types)
+    groups = {
+        name: _limits(value, f"groups.{name}", at, known_types)
+        for name, value in _section(raw.get("groups"), "groups", at).items()
+    }
+    users = {
+        name: _limits(value, f"users.{name}", at, known_types)
+        for name, value in _section(raw.get("users"), "users", at).items()
+    }
+    return Policy(defaults, groups, users, _retirement(raw.get("retirement"), at), source)
+
+
+def _section(value: Any, key: str, at: _Located) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise at.error(key, "must be a mapping")
+    return value
+
+
+def _limits(
+    value: Any, key: str, at: _Located, known_types: Iterable[str] | None
+) -> dict[str, Any]:
+    out = {}
+    for name, raw in _section(value, key, at).items():
+        where = f"{key}.{name}"
+        if name not in _PARSERS:
+            raise at.error(where, f"unknown limit; known: {', '.join(LIMIT_KEYS)}")
+        try:
+            out[name] = _PARSERS[name](raw)
+        except ValueError as e:
+            raise at.error(where, str(e)) from None
+        if name == "allowed_types" and known_types is not None and out[name]:
+            unknown = sorted(set(out[name]) - set(known_types))
+            if unknown:
+                raise at.error(
+                    where,
+                    f"no project type {', '.join(unknown)}; "
+                    f"types: {', '.join(sorted(known_types))}",
+                )
+    per_project, per_user = out.get("max_gpus_per_project"), out.get("max_gpus")
+    if per_project is not None and per_user is not None and per_project > per_user:
+        raise at.error(
+            f"{key}.max_gpus_per_project",
+            f"{per_project:g} is impossible: more than this entry's max_gpus ({per_user:g})",
+        )
+    return out
+
+
+def _retirement(value: Any, at: _Located) -> RetirementSettings:
+    settings = RetirementSettings()
+    for name, raw in _section(value, "retirement", at).items():
+        where = f"retirement.{name}"
+        if name not in _RETIREMENT:
+            raise at.error(where, f"unknown setting; known: {', '.join(_RETIREMENT)}")
+        if name == "high_demand":
+            for sub, sub_raw in _section(raw, where, at).items():
+                if sub not in _HIGH_DEMAND:
+                    raise at.error(f"{where}.{sub}", "unknown setting; known: share, idle_factor")
+                try:
+                    parsed = _HIGH_DEMAND[sub](sub_raw)
+                except ValueError as e:
+                    raise at.error(f"{where}.{sub}", str(e)) from None
+                settings = replace(settings, **{f"high_demand_{sub}": parsed})
+            continue
+        try:
+            parsed = _RETIREMENT[name](raw)
+        except ValueError as e:
+            raise at.error(where, str(e)) from None
+        if parsed is None:
+            raise at.error(where, "needs a value")
+        settings = replace(settings, **{name: parsed})
+    return settings
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` wins key by key inside each section (and each group or user entry)."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    for section, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(section), dict):
+            for name, entry in value.items():
+                old = out[section].get(name)
+                if isinstance(entry, Mapping) and isinstance(old, Mapping):
+                    out[section][name] = {**old, **entry}
+                else:
+                    out[section][name] = entry
+        else:
+            out[section] = value
+    return out
+
+
+def load_policy(
+    path: str | os.PathLike | None,
+    overrides: Mapping[str, Any] | None = None,
+    known_types: Iterable[str] | None = None,
+) -> Policy:
+    """The policy from `overrides` (traitlets) with the file's values on top."""
+    base = overrides or {}
+    if base:
+        parse_policy(base, known_types=known_types)  # errors named by their traitlet key
+    if not path:
+        return parse_policy(base, known_types=known_types)
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        reason = f"cannot read the policy file: {e.strerror or e}"
+        raise PolicyError(reason, source=source) from None
+    raw, located = load_policy_text(text, source)
+    parse_policy(raw, located=located, known_types=known_types)  # errors with file and line
+    return replace(parse_policy(_merge(base, raw), known_types=known_types), source=source)
+
+
+class PolicyStore:
+    """The current policy of this process: re-read when the file changes, kept when broken.
+
+    `current()` is cheap (one stat); the hub calls it on every spawn and the
+    service on every check, so an edited file takes effect without a restart.
+    """
+
+    def __init__(
+        self,
+        path: str | None,
+        overrides: Mapping[str, Any] | None = None,
+        known_types: Iterable[str] | None = None,
+    ) -> None:
+        self.path = path or None
+        self.overrides = dict(overrides or {})
+        self.known_types = None if known_types is None else tuple(known_types)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._policy: Policy | None = None
+        self.error: str | None = None  # why the file on disk is not in force, if it is not
+        self.loaded_at: float | None = None
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path) if self.path else None
+        except OSError:
+            return (-1, -1, -1)
+        return (st.st_mtime_ns, st.st_size, st.st_ino) if st else None
+
+    def current(self) -> Policy:
+        """The policy in force; raises PolicyError only if none was ever valid."""
+        with self._lock:
+            stamp = self._file_stamp()
+            if self._policy is None or stamp != self._stamp:
+                self._load(stamp)
+            if self._policy is None:
+                raise PolicyError(self.error or "no policy")
+            return self._policy
+
+    def reload(self) -> Policy:
+        """Re-read now (the service's "reload" action): the new policy, or PolicyError."""
+        with self._lock:
+            self._load(self._file_stamp())
+            if self.error:
+                raise PolicyError(self.error)
+            assert self._policy is not None
+            return self._policy
+
+    def _load(self, stamp: tuple[int, int, int] | None) -> None:
+        self._stamp = stamp
+        try:
+            policy = load_policy(self.path, self.overrides, self.known_types)
+        except PolicyError as e:
+            self.error = str(e)
+            if self._policy is not None:
+                log.error("Policy not reloaded, the previous one stays in force: %s", e)
+            return
+        if self._policy is not None and policy != self._policy:
+            log.info("Policy reloaded from %s", policy.source)
+        self._policy, self.error, self.loaded_at = policy, None, time.time()

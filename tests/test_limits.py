@@ -1,0 +1,197 @@
+"""The lab policy: parsing, validation with file/line/key, resolution, reload."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ds01_spawner.limits import (
+    Limits,
+    PolicyError,
+    PolicyStore,
+    format_duration,
+    load_policy,
+    parse_duration,
+    parse_size,
+)
+
+POLICY = """\
+defaults:
+  memory: 16G
+  max_gpus: 1
+  idle_timeout: 30m
+groups:
+  students:
+    max_gpus: 0.5
+    allow_full_gpu: false
+  faculty:
+    max_gpus: 2
+    max_runtime: 2d
+users:
+  alice:
+    max_runtime: 3d
+retirement:
+  warn_before: 5m
+  high_demand: {share: 0.7, idle_factor: 0.25}
+"""
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("30m", 1800), ("1.5h", 5400), ("2d", 172800), ("45s", 45), ("1h30m", 5400), (" 2 h", 7200)],
+)
+def test_durations_with_units(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("value", [30, "30", "30x", "m", "0m", True, "1h30", "-5m"])
+def test_bad_durations_are_refused(value):
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize("value", [None, "none", "off"])
+def test_none_means_no_limit(value):
+    assert parse_duration(value) is None and parse_size(value) is None
+
+
+def test_sizes_are_binary_like_docker():
+    assert parse_size("512M") == 512 * 1024**2
+    assert parse_size("16G") == parse_size("16GiB") == parse_size("16g") == 16 * 1024**3
+    assert parse_size(1000) == 1000
+    with pytest.raises(ValueError):
+        parse_size("12X")
+
+
+def test_durations_print_back_as_written():
+    assert [format_duration(s) for s in (1800, 5400, 172800, 45, 6000)] == [
+        "30m",
+        "1.5h",
+        "2d",
+        "45s",
+        "100m",
+    ]
+
+
+def test_user_beats_group_beats_defaults_key_by_key(tmp_path):
+    policy = load_policy(write(tmp_path, POLICY))
+    alice = policy.resolve("alice", ["faculty"])
+    assert alice.max_runtime == 3 * 86400 and alice.sources["max_runtime"] == "users.alice"
+    assert alice.max_gpus == 2 and alice.sources["max_gpus"] == "groups.faculty"
+    assert alice.memory == 16 * 1024**3 and alice.sources["memory"] == "defaults"
+    assert alice.pids_limit is None and alice.sources["pids_limit"] == "built-in"
+
+
+def test_first_group_in_the_files_order_wins(tmp_path):
+    policy = load_policy(write(tmp_path, POLICY))
+    both = policy.resolve("bob", ["faculty", "students"])  # the user's order does not matter
+    assert both.max_gpus == 0.5 and not both.allow_full_gpu
+    assert policy.group_for(["faculty", "students"]) == "students"
+
+
+def test_no_group_no_entry_gets_defaults_and_built_ins(tmp_path):
+    limits = load_policy(write(tmp_path, POLICY)).resolve("carol", ["unknown"])
+    assert limits.max_gpus == 1 and limits.allow_full_gpu and limits.max_runtime is None
+    assert limits.allows_type("anything")
+
+
+def test_no_policy_at_all_is_the_built_in_one():
+    assert load_policy(None).resolve("x") == Limits()
+
+
+def test_retirement_settings(tmp_path):
+    settings = load_policy(write(tmp_path, POLICY)).retirement
+    assert settings.warn_before == 300
+    assert (settings.high_demand_share, settings.high_demand_idle_factor) == (0.7, 0.25)
+    assert settings.check_interval == 60  # built-in
+
+
+@pytest.mark.parametrize(
+    "text, line, key, says",
+    [
+        ("defaults:\n  memory: 12X\n", 2, "defaults.memory", "not a size"),
+        ("defaults:\n  memroy: 1G\n", 2, "defaults.memroy", "unknown limit"),
+        ("groups:\n  s:\n    idle_timeout: 30\n", 3, "groups.s.idle_timeout", "with a unit"),
+        ("users:\n  a:\n    max_gpus: -1\n", 3, "users.a.max_gpus", "impossible"),
+        ("defaults:\n  memory: 1M\n", 2, "defaults.memory", "impossible"),
+        ("defaults:\n  pids_limit: 2.5\n", 2, "defaults.pids_limit", "whole number"),
+        ("defaults:\n  allow_full_gpu: maybe\n", 2, "defaults.allow_full_gpu", "true or false"),
+        ("defaults:\n  max_gpus: 1\n  max_gpus_per_project: 2\n", 3, "", "impossible"),
+        ("defaults: {}\nlimits: {}\n", 2, "limits", "unknown section"),
+        ("defaults: {}\ndefaults: {}\n", 2, "defaults", "given twice"),
+        ("retirement:\n  high_demand:\n    share: 2\n", 3, "retirement.high_demand.share", ""),
+        ("retirement:\n  check_interval: none\n", 2, "retirement.check_interval", "needs"),
+        ("defaults:\n  max_gpus: [1\n", 3, "", "not valid YAML"),
+    ],
+)
+def test_errors_name_file_line_and_key(tmp_path, text, line, key, says):
+    path = write(tmp_path, text)
+    with pytest.raises(PolicyError) as e:
+        load_policy(path)
+    assert e.value.source == str(path) and e.value.line == line
+    assert str(e.value).startswith(f"{path}, line {line}")
+    if key:
+        assert e.value.key == key and f"key {key}" in str(e.value)
+    assert says in str(e.value)
+
+
+def test_unknown_project_type_is_refused_when_types_are_known(tmp_path):
+    path = write(tmp_path, "groups:\n  students:\n    allowed_types: [base, pytroch]\n")
+    with pytest.raises(PolicyError, match="no project type pytroch; types: base, cv"):
+        load_policy(path, known_types=["base", "cv"])
+
+
+def test_missing_file_is_an_error(tmp_path):
+    with pytest.raises(PolicyError, match="cannot read the policy file"):
+        load_policy(tmp_path / "nope.yaml")
+
+
+def test_traitlet_dict_alone_and_under_the_file(tmp_path):
+    overrides = {"defaults": {"memory": "8G", "max_cpus": 2}, "users": {"alice": {"max_gpus": 3}}}
+    alone = load_policy(None, overrides).resolve("alice")
+    assert alone.memory == 8 * 1024**3 and alone.max_gpus == 3
+    merged = load_policy(write(tmp_path, POLICY), overrides).resolve("alice")
+    assert merged.memory == 16 * 1024**3, "the file wins where both set a value"
+    assert merged.max_cpus == 2 and merged.max_gpus == 3 and merged.max_runtime == 3 * 86400
+    with pytest.raises(PolicyError, match=r"key defaults\.max_cpus"):
+        load_policy(None, {"defaults": {"max_cpus": "lots"}})
+
+
+def test_store_rereads_a_changed_file_and_keeps_the_last_good_one(tmp_path):
+    path = write(tmp_path, "defaults:\n  max_gpus: 1\n")
+    store = PolicyStore(str(path))
+    assert store.current().resolve("a").max_gpus == 1
+
+    path.write_text("defaults:\n  max_gpus: 2\n")
+    os.utime(path, ns=(1, 10**18))  # a new stamp even within the clock's resolution
+    assert store.current().resolve("a").max_gpus == 2 and store.error is None
+
+    path.write_text("defaults:\n  max_gpus: two\n")
+    os.utime(path, ns=(1, 2 * 10**18))
+    assert store.current().resolve("a").max_gpus == 2, "a broken edit keeps the old policy"
+    assert "line 2, key defaults.max_gpus" in store.error
+    with pytest.raises(PolicyError):
+        store.reload()
+    assert store.current().resolve("a").max_gpus == 2
+
+
+def test_store_without_any_valid_policy_raises(tmp_path):
+    store = PolicyStore(str(write(tmp_path, "defaults: [\n")))
+    with pytest.raises(PolicyError, match="not valid YAML"):
+        store.current()
+
+
+def test_the_repo_policy_file_is_valid():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    types = [p.name for p in (repo / "images" / "types").iterdir()]
+    policy = load_policy(repo / "policy.yaml", known_types=types)
+    assert policy.resolve("s", ["students"]).allowed_types == ("base", "cv", "nlp")
