@@ -209,11 +209,13 @@ def exec_in(container, cmd: str, user: str | None = None) -> tuple[int, str]:
 
 @pytest.fixture
 async def hub(hub_app, dirs, engine):
-    """Start a hub: `driver = await hub(**spawner_config)`."""
+    """Start a hub: `driver = await hub(**spawner_config)` (`_jupyterhub={...}` for the hub's)."""
     drivers = []
 
-    async def start(**spawner):
-        app = await hub_app(hub_config(dirs, **spawner))
+    async def start(_jupyterhub: dict | None = None, **spawner):
+        config = hub_config(dirs, **spawner)
+        config["JupyterHub"].update(_jupyterhub or {})
+        app = await hub_app(config)
         driver = HubDriver(app, engine)
         drivers.append(driver)
         return driver
