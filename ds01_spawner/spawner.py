@@ -413,6 +413,7 @@ class DS01Spawner(DockerSpawner):
 
     _request: ProjectRequest | None = None
     _limits: Limits | None = None
+    _configured_limits: tuple[Any, Any] | None = None
     _project: Project | None = None
     _ids: UserIds | None = None
     _workspace: str = ""
@@ -750,10 +751,11 @@ class DS01Spawner(DockerSpawner):
         """CPU and memory as DockerSpawner's own settings (they also reach the server as
         CPU_LIMIT / MEM_LIMIT); shm and pids are set in `_harden`."""
         self._limits = limits
-        if limits.memory is not None:
-            self.mem_limit = limits.memory
-        if limits.max_cpus is not None:
-            self.cpu_limit = limits.max_cpus
+        if self._configured_limits is None:  # the admin's own mem_limit / cpu_limit, if any
+            self._configured_limits = (self.mem_limit, self.cpu_limit)
+        mem, cpu = self._configured_limits
+        self.mem_limit = limits.memory if limits.memory is not None else mem
+        self.cpu_limit = limits.max_cpus if limits.max_cpus is not None else cpu
         shown = [
             f"{name} {value}"
             for name, value in (
