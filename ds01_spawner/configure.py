@@ -114,7 +114,6 @@ def configure(
         },
     ]
 
-
     # retirement warnings and recent retirements, on every hub page of the user
     c.JupyterHub.template_vars = {
         **_get(c.JupyterHub, "template_vars", {}),
