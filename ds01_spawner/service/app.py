@@ -18,6 +18,7 @@ from ..configure import ADMIN_SCOPE
 from ..gpus import gpu_allocator
 from ..images import BuildRecords, ImageBuilder, default_client
 from ..limits import PolicyStore
+from .base import MAX_BODY_BYTES
 from .gpus import GpuHandler
 from .limits import LimitsHandler, PolicyReloadHandler
 from .manager import HubClient, ImageManager, Settings
@@ -154,7 +155,11 @@ class DS01Service(Application):
 
     def start(self) -> None:
         where = urlparse(self.url)
-        self.make_app().listen(where.port or 80, where.hostname or "127.0.0.1")
+        self.make_app().listen(
+            where.port or 80,
+            where.hostname or "127.0.0.1",
+            max_body_size=4 * MAX_BODY_BYTES,  # larger: refused before it is read
+        )
         self.log.info("ds01 service at %s%s", self.url, self.prefix)
         if self.retire_by_policy and self.retirer.hub.token:
             ioloop.IOLoop.current().add_callback(self.retirer.start)

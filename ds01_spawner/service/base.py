@@ -8,9 +8,15 @@ from typing import Any
 from jupyterhub.services.auth import HubOAuthenticated, check_scopes
 from tornado import web
 
+MAX_BODY_BYTES = 256 * 1024  # a requirements.txt of thousands of lines still fits
+
 
 class BaseHandler(HubOAuthenticated, web.RequestHandler):
     """Signed in through the hub; `is_admin` when the token carries the admin scope."""
+
+    def prepare(self) -> None:
+        if len(self.request.body or b"") > MAX_BODY_BYTES:
+            raise web.HTTPError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
 
     @property
     def ds01(self) -> Any:
@@ -40,13 +46,18 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
             return
         super().check_xsrf_cookie()
 
-    def json_body(self) -> dict[str, Any]:
+    def json_body(self, allowed: frozenset[str] | None = None) -> dict[str, Any]:
         try:
             body = json.loads(self.request.body or b"{}")
         except ValueError:
             raise web.HTTPError(400, "the body must be JSON") from None
         if not isinstance(body, dict):
             raise web.HTTPError(400, "the body must be a JSON object")
+        unknown = sorted(set(body) - allowed) if allowed is not None else []
+        if unknown:
+            raise web.HTTPError(
+                400, f"unknown field {unknown[0]!r}; known: {', '.join(sorted(allowed or ()))}"
+            )
         return body
 
     def write_json(self, data: Any, status: int = 200) -> None:

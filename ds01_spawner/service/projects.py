@@ -103,13 +103,21 @@ def _lines(value: Any) -> list[str]:
     raise web.HTTPError(400, "package lists must be lists of strings")
 
 
+_FIELDS = {
+    "packages": frozenset(
+        {"add_pip", "add_apt", "requirements", "remove_pip", "remove_apt", "rebuild"}
+    ),
+    "rebuild": frozenset({"nocache"}),
+}
+
+
 class ProjectActionHandler(ProjectBase):
     """POST packages | rebuild | rollback | restart | delete, from a form or as JSON."""
 
     @web.authenticated
     async def post(self, owner: str, name: str, action: str) -> None:
         project = self.project_for(owner, name)
-        args = self.json_body() if self.is_api else self._form()
+        args = self.json_body(_FIELDS.get(action, frozenset())) if self.is_api else self._form()
         try:
             result = await self._act(project, action, args)
         except ProjectError as e:

