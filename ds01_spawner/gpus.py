@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import fcntl
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -26,6 +25,7 @@ import docker
 
 from . import labels
 from .nvml import GpuInventory, GpuSlot, NvmlInventory, SimulatedInventory
+from .statefiles import write_json
 
 LIVE_STATES = frozenset({"created", "running", "restarting", "paused"})
 
@@ -314,9 +314,7 @@ class GpuHolds:
             return []
 
     def _write(self, holds: list[Hold]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps([asdict(h) for h in holds]))
-        os.replace(tmp, self.path)
+        write_json(self.path, [asdict(h) for h in holds])
 
     def active(self, now: float | None = None) -> list[Hold]:
         now = time.time() if now is None else now

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .statefiles import write_json
+
 _PLAIN_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?!-)){0,31}$")
 
 
@@ -99,9 +101,7 @@ class UidAllocator:
         return {str(k): int(v) for k, v in data.get("users", {}).items()}
 
     def _write(self, mapping: dict[str, int]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"users": mapping}, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        write_json(self.path, {"users": mapping}, indent=1, sort_keys=True)
 
     def _next_free(self, taken: set[int]) -> int:
         for uid in range(self.first, self.last + 1):

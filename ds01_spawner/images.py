@@ -28,6 +28,7 @@ import docker
 import docker.errors
 
 from . import labels
+from .statefiles import write_json
 
 _STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
 MAX_LOG_LINES = 5000
@@ -235,9 +236,7 @@ class BuildRecords:
                 record.pop(stale, None)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self._path(image, ".json")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, path)
+        write_json(path, record, indent=1)
 
     def read(self, image: str) -> dict | None:
         """The last build's record; status "interrupted" if it says running but nobody is."""

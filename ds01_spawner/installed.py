@@ -23,6 +23,7 @@ from pathlib import Path
 import docker
 
 from .packages import PackageError, pip_name, validate_pip_spec
+from .statefiles import write_json
 
 FREEZE_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,99})==([A-Za-z0-9.+!_-]{1,64})$")
 MAX_FREEZE_LINES = 5000
@@ -62,9 +63,7 @@ class InstalledRecords:
 
     def _write(self, path: Path, data: object) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        write_json(path, data, indent=1)
 
     def _read(self, path: Path) -> dict | None:
         try:

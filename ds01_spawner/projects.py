@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .identity import UserIds, user_slug
+from .statefiles import write_json
 
 # JupyterHub's own rules for named servers, so a project name is a server name.
 PROJECT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,29}$")
@@ -143,9 +144,7 @@ class ProjectStore:
         directory = self._dir(slug)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = directory / f"{validate_project_name(project.name)}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(project), indent=1))
-        os.replace(tmp, path)
+        write_json(path, asdict(project), indent=1)
 
     def touch(self, slug: str, project: Project) -> None:
         project.last_used = time.time()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -25,8 +24,7 @@ from typing import Any
 from .gpus import Holder
 from .limits import Limits, RetirementSettings, format_duration
 from .nvml import GpuSlot
-
-RECENT_RETIREMENT = 24 * 3600  # how long the hub's pages mention a retirement
+from .statefiles import write_json
 
 
 @dataclass(frozen=True)
@@ -140,13 +138,6 @@ def judge(
 # ---------------------------------------------------------------- records
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True)
 class Retirement:
     user: str
@@ -201,7 +192,8 @@ class Notices:
         self.path = Path(state_dir) / "notices.json"
 
     def write(self, warnings: dict[str, list[dict[str, Any]]]) -> None:
-        _write_json(self.path, {"written": time.time(), "warnings": warnings})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, {"written": time.time(), "warnings": warnings}, indent=1)
 
     def warnings(self, user: str) -> list[dict[str, Any]]:
         try:
