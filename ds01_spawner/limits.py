@@ -247,8 +247,7 @@ class Policy:
 
     def resolve(self, user: str, groups: Iterable[str] = ()) -> Limits:
         """user -> the first of the user's groups in the policy's order -> defaults."""
-        mine = set(groups)
-        group = next((g for g in self.groups if g in mine), None)
+        group = self.group_for(groups)
         layers = [
             (f"users.{user}", self.users.get(user, {})),
             (f"groups.{group}", self.groups.get(group, {}) if group else {}),

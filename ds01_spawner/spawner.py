@@ -516,8 +516,8 @@ class DS01Spawner(DockerSpawner):
             return
         running = sorted(
             getattr(other._project, "name", None) or name or "default"
-            for name, other in self.user.spawners.items()
-            if other is not self and name != self.name and other.active
+            for name, other in self._other_servers()
+            if other.active
         )
         if len(running) >= limits.max_running_projects:
             noun = "project" if len(running) == 1 else "projects"
@@ -533,10 +533,16 @@ class DS01Spawner(DockerSpawner):
                 status_code=409,
             )
 
+    def _other_servers(self) -> list[tuple[str, Any]]:
+        """The user's other servers' spawners (name, spawner)."""
+        return [
+            (name, other)
+            for name, other in self.user.spawners.items()
+            if other is not self and name != self.name
+        ]
+
     def _check_not_running_elsewhere(self, project: str) -> None:
-        for name, other in self.user.spawners.items():
-            if other is self or name == self.name:
-                continue
+        for name, other in self._other_servers():
             running = other.active or getattr(other, "object_id", None)
             if running and getattr(other, "_project", None) and other._project.name == project:
                 where = f"server {name!r}" if name else "your default server"
@@ -697,15 +703,11 @@ class DS01Spawner(DockerSpawner):
             if text is not None:
                 records.save_image_packages(image_id, parse_freeze(text))
 
-    async def _record_installed(self) -> None:
+    async def _record_installed(self, image_id: str) -> None:
         """Before retire: what was pip-installed here beyond the image? Bounded in time."""
         if not (self.save_packages_timeout > 0 and self._ids and self._project and self.object_id):
             return
         records = InstalledRecords(self.state_dir)
-        try:
-            image_id = (await self.docker("inspect_container", self.object_id))["Image"]
-        except docker.errors.NotFound:
-            return  # already gone
         image = records.image_packages(image_id)
         text = await freeze_in_container(
             self.object_id, self._ids.docker_user, self.save_packages_timeout
@@ -878,8 +880,13 @@ class DS01Spawner(DockerSpawner):
         """
         project = self._project.name if self._project else "?"
         container = self.object_id
-        await self._record_installed()
-        held = await self._gpus_to_keep(project)
+        inspected = None
+        if container:
+            with contextlib.suppress(docker.errors.NotFound):
+                inspected = await self.docker("inspect_container", container)
+        if inspected is not None:
+            await self._record_installed(inspected["Image"])
+        held = self._gpus_to_keep(project, inspected)
         await super().stop(now=now)
         if held:
             seconds, uuids = held
@@ -891,14 +898,10 @@ class DS01Spawner(DockerSpawner):
             await self._wait_gone(container)
         self.log.info("Retired %s (project %s) of %s", self.object_name, project, self.user.name)
 
-    async def _gpus_to_keep(self, project: str) -> tuple[float, list[str]] | None:
+    def _gpus_to_keep(self, project: str, inspected: dict | None) -> tuple[float, list[str]] | None:
         """The GPUs to keep for a quick restart (`gpu_hold_after_stop`): not after a
         retirement by policy, whose point is to free them."""
-        if not self.object_id:
-            return None
-        try:
-            inspected = await self.docker("inspect_container", self.object_id)
-        except docker.errors.DockerException:
+        if inspected is None:
             return None
         uuids = [u for u in inspected["Config"]["Labels"].get(labels.GPU_UUIDS, "").split(",") if u]
         if not uuids:

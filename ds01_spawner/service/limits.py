@@ -16,7 +16,6 @@ from tornado import web
 
 from ..gpus import GpuHolds
 from ..limits import Limits, PolicyError, format_duration
-from ..retirement import RetirementLog
 from .base import BaseHandler
 from .retirer import Retirer, ServerView
 
@@ -79,7 +78,7 @@ class LimitsHandler(BaseHandler):
         except PolicyError as e:
             raise web.HTTPError(503, f"no lab policy in force: {e}") from None
         holds = GpuHolds(self.settings["state_dir"]).active()
-        log = RetirementLog(self.settings["state_dir"])
+        log = self.retirer.retirements
         names = sorted({v.facts.user for v in snapshot.servers}) if everyone else []
         me = self.current_user["name"]
         people = []

@@ -81,7 +81,7 @@ class Retirer:
         self.hub = hub
         self.policies = policies
         self.allocator = allocator
-        self.log = RetirementLog(state_dir)
+        self.retirements = RetirementLog(state_dir)
         self.notices = Notices(state_dir)
         self.clock = clock
         self.gpu_busy_at: dict[tuple[str, str], float] = {}
@@ -147,7 +147,9 @@ class Retirer:
                     continue  # starting or stopping: not ours to judge now
                 key = (user["name"], name)
                 snapshot.servers.append(
-                    self._view(policy, user, name, server, containers.get(key, {}), busy, share)
+                    self._view(
+                        policy, user, name, server, containers.get(key, {}), busy, share, now
+                    )
                 )
         return snapshot
 
@@ -193,9 +195,9 @@ class Retirer:
         container: dict[str, str],
         busy: set[str],
         share: float,
+        now: float,
     ) -> ServerView:
         key = (user["name"], name)
-        now = self.clock()
         gpus = tuple(u for u in container.get(labels.GPU_UUIDS, "").split(",") if u)
         if busy.intersection(gpus):
             self.gpu_busy_at[key] = now
@@ -220,7 +222,7 @@ class Retirer:
     def _add_recent_retirements(
         self, notices: dict[str, list[dict[str, Any]]], running: set[tuple[str, str]], now: float
     ) -> None:
-        for entry in self.log.recent(500):
+        for entry in self.retirements.recent(500):
             if now - entry.at > RECENTLY_RETIRED:
                 break
             if (entry.user, entry.server) in running:
@@ -257,7 +259,7 @@ class Retirer:
             entry.reason,
             entry.message,
         )
-        self.log.add(entry)  # first: the spawner reads it to not keep the GPU
+        self.retirements.add(entry)  # first: the spawner reads it to not keep the GPU
         path = f"users/{quote(facts.user)}/server" + (
             f"s/{quote(facts.server)}" if facts.server else ""
         )
