@@ -83,7 +83,7 @@ def configure(
         {
             "name": "ds01",
             "display": True,
-            "info": {"description": "ds01: GPUs, and soon your project images"},
+            "info": {"description": "ds01: project images, limits and GPUs"},
             "url": f"http://127.0.0.1:{service_port}",
             "command": [sys.executable, "-m", "ds01_spawner.service"],
             "environment": {
