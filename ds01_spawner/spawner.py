@@ -847,6 +847,18 @@ class DS01Spawner(DockerSpawner):
             buildargs={**self.build_args, "BASE_IMAGE": self.base_image},
             network_mode=self.build_network_mode,
         )
+        last = self.builder.records.read(ref) if self.builder.records else None
+        if last is not None and last.get("status") == "interrupted":
+            self.log.warning(
+                "The last build of %s (started %s) was interrupted; building it again",
+                ref,
+                last.get("started", "?"),
+            )
+            self._emit(
+                _BUILD_START,
+                f"The last build of {ref} was interrupted (the hub or the image page "
+                "stopped during it); nothing was tagged, building it again",
+            )
         self._emit(_BUILD_START, f"Building image {ref} (first start of this project)")
         build = self.builder.build(spec)
         span = _BUILD_END - _BUILD_START

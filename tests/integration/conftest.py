@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -23,9 +22,9 @@ from jupyterhub.tests.utils import add_user, api_request, auth_header, public_ho
 
 from ds01_spawner import DS01Spawner, labels
 from ds01_spawner.configure import docker_bridge_ip
-from ds01_spawner.identity import UidAllocator, UserIds, user_slug
+from ds01_spawner.identity import UserIds
 
-from .hubprocess import remove_user_objects
+from .hubprocess import remove_user_objects, seed_workspace
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -189,12 +188,7 @@ class HubDriver:
     def seed_workspace(self, user: str, project: str, dockerfile: str) -> tuple[Path, UserIds]:
         """`project init` by hand: a workspace owned by the user's uid, with this Dockerfile."""
         cfg = self.app.config.DS01Spawner
-        ids = UidAllocator(Path(cfg.state_dir) / "uids.json", 20000, 59999).ids_for(user)
-        workspace = Path(cfg.workspace_root) / user_slug(user) / project
-        workspace.mkdir(parents=True)
-        os.chown(workspace, ids.uid, ids.gid)
-        (workspace / "Dockerfile").write_text(dockerfile)
-        return workspace, ids
+        return seed_workspace(cfg.state_dir, cfg.workspace_root, user, project, dockerfile)
 
     def cleanup(self) -> None:
         for user in self.users:

@@ -19,6 +19,7 @@ import docker
 import requests
 
 from ds01_spawner import labels
+from ds01_spawner.identity import UidAllocator, UserIds, user_slug
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -150,3 +151,15 @@ def remove_user_objects(engine: docker.DockerClient, user: str) -> None:
         for tag in image.tags:
             with contextlib.suppress(docker.errors.APIError):
                 engine.images.remove(tag, force=True)
+
+
+def seed_workspace(
+    state_dir: str | Path, workspace_root: str | Path, user: str, project: str, dockerfile: str
+) -> tuple[Path, UserIds]:
+    """`project init` by hand: a workspace owned by the user's uid, with this Dockerfile."""
+    ids = UidAllocator(Path(state_dir) / "uids.json", 20000, 59999).ids_for(user)
+    workspace = Path(workspace_root) / user_slug(user) / project
+    workspace.mkdir(parents=True)
+    os.chown(workspace, ids.uid, ids.gid)
+    (workspace / "Dockerfile").write_text(dockerfile)
+    return workspace, ids

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
+import uuid
 
 import pytest
 import requests
 
 from ds01_spawner import labels
+from ds01_spawner.identity import user_slug
+from ds01_spawner.images import BuildRecords, image_ref
 
-from .hubprocess import HubProcess, remove_user_objects
+from .hubprocess import HubProcess, remove_user_objects, seed_workspace
 
 
 @pytest.fixture
@@ -34,7 +38,7 @@ def hub_process(tmp_path, engine):
     yield make
     for p in procs:
         p.stop()
-    for user in ("researcher", "alice", "bob", "carol"):
+    for user in ("researcher", "alice", "bob", "carol", "dave"):
         remove_user_objects(engine, user)
 
 
@@ -128,3 +132,73 @@ def test_admin_sees_who_holds_which_gpu_in_the_ds01_service(hub_process, engine)
 
     services = hub.api("GET", "services").json()
     assert services["ds01"]["display"] is True
+
+
+def eventually(predicate, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_hub_killed_mid_build_with_servers_running_loses_nothing(hub_process, engine, tmp_path):
+    """SIGKILL while alice runs on a GPU and bob's first image build is in progress."""
+    hub = hub_process(DS01_SIMULATED_GPUS="2")
+    held = start_alice_on_a_gpu(hub, engine)
+    data = tmp_path / "data"
+    marker = f"ds01-build-{uuid.uuid4().hex[:8]}"  # also: no cached layer from an earlier run
+    slow = f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nRUN echo {marker} && sleep 600\n"
+    workspace, _ = seed_workspace(data / "state", data / "workspaces", "bob", "heavy", slow)
+    (workspace / "notes.txt").write_text("bob's work\n")
+    ref = image_ref(user_slug("bob"), "heavy")
+    records = BuildRecords(data / "state")
+
+    def build_containers():
+        return [c for c in engine.containers.list(all=True) if marker in " ".join(c.attrs["Args"])]
+
+    r = hub.api("POST", "users/bob")
+    r = hub.api("POST", "users/bob/servers/heavy", data=json.dumps({"user_options": {}}))
+    assert r.status_code == 202, r.text  # still building after the hub's slow_spawn_timeout
+    eventually(build_containers, "the build's RUN step")
+    assert records.read(ref)["status"] == "running"
+
+    hub.kill()
+
+    # the engine cancels a build whose client went away: nothing tagged, nothing left running
+    eventually(lambda: not build_containers(), "the engine to drop the build's container")
+    assert not engine.images.list(name=ref.rpartition(":")[0]), "no half-tagged image"
+    assert containers(engine, "bob") == [], "no orphan server container"
+    assert records.read(ref)["status"] == "interrupted"
+    assert [c.id for c in containers(engine, "alice")] == [held.id]
+
+    hub2 = hub_process(DS01_SIMULATED_GPUS="2")
+    hub2.start()
+    hub2.wait_ready("alice", "train", timeout=30)  # reattached, GPU still hers
+    assert [c.id for c in containers(engine, "alice")] == [held.id]
+    assert "heavy" not in hub2.api("GET", "users/bob").json()["servers"]
+
+    # what bob sees on the image page: the build was interrupted, nothing is built
+    token = {"Authorization": f"token {hub2.admin_token()}"}
+    page = requests.get(f"{hub2.url}/services/ds01/api/images/bob/heavy", headers=token, timeout=30)
+    assert page.status_code == 200, page.text
+    assert page.json()["build"]["status"] == "interrupted" and not page.json()["built"]
+
+    # the ledger was rebuilt from labels: carol gets the other GPU, dave none
+    assert start(hub2, "carol", "train", {"gpus": 1}).status_code in (201, 202)
+    hub2.wait_ready("carol", "train")
+    (carols,) = containers(engine, "carol")
+    assert carols.labels[labels.GPU_UUIDS] != held.labels[labels.GPU_UUIDS]
+    assert start(hub2, "dave", "train", {"gpus": 1}).status_code == 409
+
+    # bob fixes his Dockerfile and starts again: built this time, the workspace intact
+    (workspace / "Dockerfile").write_text(slow.replace(" && sleep 600", ""))
+    r = hub2.api("POST", "users/bob/servers/heavy", data=json.dumps({"user_options": {}}))
+    assert r.status_code in (201, 202), r.text
+    hub2.wait_ready("bob", "heavy")
+    (bobs,) = containers(engine, "bob")
+    assert bobs.exec_run(["cat", "/workspace/notes.txt"]).output == b"bob's work\n"
+    assert "The last build of ds01-" in (tmp_path / "hub.log").read_text()
+    assert records.read(ref)["status"] == "succeeded"
