@@ -107,6 +107,7 @@ class BuildStreamReader:
         self.image_id: str | None = None
         self.error: str | None = None
         self.step = ""
+        self.instruction = ""
         self.tail: list[str] = []
         self._tail_lines = tail_lines
         self._progress = 0
@@ -127,14 +128,33 @@ class BuildStreamReader:
             if match:
                 n, total = int(match.group(1)), int(match.group(2))
                 self._progress = 100 * (n - 1) // total
-                self.step = f"step {n}/{total} ({match.group(3)[:80]})"
+                self.instruction = match.group(3)
+                self.step = f"step {n}/{total} ({self.instruction[:80]})"
             events.append(BuildEvent("step" if match else "log", line, self._progress))
         return events
 
-    def raise_for_error(self) -> None:
-        if self.error is not None:
-            where = f" at {self.step}" if self.step else ""
-            raise BuildError(f"image build failed{where}: {self.error}", self.tail)
+    def raise_for_error(self, buildargs: dict[str, str] | None = None) -> None:
+        if self.error is None:
+            return
+        where = f" at {self.step}" if self.step else ""
+        words = self.instruction.split()
+        if len(words) > 1 and words[0].upper() == "FROM":
+            # no registry here: a FROM image that is not local fails as a pull
+            base = _expand(words[1], buildargs or {})
+            raise BuildError(
+                f"image build failed{where}: the base image {base} is not on this machine "
+                f"and cannot be pulled ({self.error}). The lab's base images are built by an "
+                "admin (images/build); check the FROM line of the Dockerfile",
+                self.tail,
+            )
+        raise BuildError(f"image build failed{where}: {self.error}", self.tail)
+
+
+def _expand(word: str, args: dict[str, str]) -> str:
+    """`${BASE_IMAGE}` / `$BASE_IMAGE` in a FROM line, with the build's args."""
+    return re.sub(
+        r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), word
+    )
 
 
 class Build:
@@ -364,7 +384,7 @@ class ImageBuilder:
             for chunk in stream:
                 for event in reader.feed(chunk):
                     build.publish(event)
-            reader.raise_for_error()
+            reader.raise_for_error(spec.buildargs)
             image_id = reader.image_id
             if image_id is None:
                 image_id = client.inspect_image(spec.image)["Id"]

@@ -815,7 +815,15 @@ class DS01Spawner(DockerSpawner):
                 write_new_file(workspace / DOCKERFILE, types[project.type].template(), ids)
         except WorkspaceError as e:
             raise refusal(str(e), reason="workspace", status_code=400) from None
-        except (OSError, KeyError) as e:
+        except OSError as e:
+            raise refusal(
+                f"cannot prepare the workspace of {request.name!r}: {e.strerror} "
+                f"({e.filename}). Nothing was changed; ask an admin to check that the "
+                f"workspace root {self.workspace_root} is writable by the hub.",
+                reason="workspace",
+                status_code=500,
+            ) from None
+        except KeyError as e:
             raise refusal(
                 f"cannot prepare the workspace of {request.name!r}: {e}",
                 reason="workspace",

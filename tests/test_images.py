@@ -69,6 +69,17 @@ def test_reader_reports_failing_step_and_tail():
     ]
 
 
+def test_a_missing_base_image_is_named_with_its_build_args_expanded():
+    reader = BuildStreamReader()
+    reader.feed({"stream": "Step 2/4 : FROM ${BASE_IMAGE}\n"})
+    reader.feed({"error": 'Get "https://registry-1.docker.io/v2/": dial tcp: no such host'})
+    with pytest.raises(BuildError) as info:
+        reader.raise_for_error({"BASE_IMAGE": "ds01/gone:latest"})
+    message = str(info.value)
+    assert "the base image ds01/gone:latest is not on this machine" in message
+    assert "images/build" in message and "no such host" in message
+
+
 async def test_build_events_reach_every_follower_in_order():
     build = Build(BuildSpec("x:latest", "FROM scratch", {}), asyncio.get_running_loop())
 

