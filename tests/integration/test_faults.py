@@ -131,6 +131,11 @@ def restart_engine() -> None:
         time.sleep(0.2)
     else:
         raise AssertionError("dockerd did not stop in 90 s")
+    ensure_engine()
+
+
+def ensure_engine() -> None:
+    """Start the engine if it is not running (`ds01_ensure_engine` of scripts/lib.sh)."""
     subprocess.run(
         ["bash", "-c", f"source {REPO}/scripts/lib.sh && ds01_ensure_engine"],
         check=True,
@@ -156,12 +161,7 @@ async def test_engine_restart_stops_servers_frees_gpus_and_start_works_again(hub
         await asyncio.to_thread(restart_engine)
     finally:
         with contextlib.suppress(Exception):  # whatever happened, leave an engine running
-            await asyncio.to_thread(
-                subprocess.run,
-                ["bash", "-c", f"source {REPO}/scripts/lib.sh && ds01_ensure_engine"],
-                capture_output=True,
-                timeout=120,
-            )
+            await asyncio.to_thread(ensure_engine)
 
     for user, server in ((alice, "train"), (bob, "notes")):
         await wait_for(lambda u=user, s=server: stopped(h, u, s), f"{user}/{server} stopped", 60)
