@@ -159,6 +159,7 @@ _SHARED = (
     "state_dir",
     "base_image",
     "build_network_mode",
+    "build_cpu_shares",
     "max_concurrent_builds",
     "build_timeout",
     "build_args",

@@ -86,6 +86,7 @@ class BuildSpec:
     buildargs: dict[str, str] = field(default_factory=dict)
     network_mode: str | None = None
     nocache: bool = False
+    cpu_shares: int | None = None  # the build's RUN containers' CPU weight (Docker: 1024)
 
 
 class BuildError(RuntimeError):
@@ -376,6 +377,7 @@ class ImageBuilder:
                 buildargs=spec.buildargs,
                 network_mode=spec.network_mode,
                 nocache=spec.nocache,
+                container_limits={"cpushares": spec.cpu_shares} if spec.cpu_shares else None,
                 pull=False,
                 rm=True,
                 forcerm=True,

@@ -172,6 +172,17 @@ class DS01Spawner(DockerSpawner):
         help="Network mode for image builds (e.g. 'host' to reach a local package index).",
     ).tag(config=True)
 
+    build_cpu_shares = Integer(
+        256,
+        min=0,
+        help="""CPU weight of image builds' RUN steps (Docker's --cpu-shares; servers have 1024).
+
+        Only matters when the CPUs are all busy: then a build gets a quarter of
+        what a running server gets, so a long pip build slows nobody's notebook
+        or spawn much. 0: Docker's default (builds weigh as much as servers).
+        """,
+    ).tag(config=True)
+
     max_concurrent_builds = Integer(
         2,
         min=1,
@@ -854,6 +865,7 @@ class DS01Spawner(DockerSpawner):
             },
             buildargs={**self.build_args, "BASE_IMAGE": self.base_image},
             network_mode=self.build_network_mode,
+            cpu_shares=self.build_cpu_shares,
         )
         last = self.builder.records.read(ref) if self.builder.records else None
         if last is not None and last.get("status") == "interrupted":

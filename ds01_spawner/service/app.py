@@ -69,6 +69,7 @@ class DS01Service(Application):
     build_network_mode = Unicode(
         None, allow_none=True, help="As DS01Spawner.build_network_mode."
     ).tag(config=True)
+    build_cpu_shares = Integer(256, help="As DS01Spawner.build_cpu_shares.").tag(config=True)
     max_concurrent_builds = Integer(2, help="Builds the page runs at once.").tag(config=True)
     build_timeout = Integer(3600, help="As DS01Spawner.build_timeout.").tag(config=True)
     build_args = Dict(Unicode(), help="As DS01Spawner.build_args.").tag(config=True)
@@ -108,6 +109,7 @@ class DS01Service(Application):
                 base_image=self.base_image,
                 build_args=self.build_args,
                 build_network_mode=self.build_network_mode,
+                build_cpu_shares=self.build_cpu_shares,
                 allow_url_packages=self.allow_url_packages,
             ),
             builder,

@@ -71,6 +71,7 @@ class Settings:
     base_image: str
     build_args: dict[str, str] = field(default_factory=dict)
     build_network_mode: str | None = None
+    build_cpu_shares: int | None = None
     max_dockerfile_bytes: int = 256 * 1024
     allow_url_packages: bool = False
 
@@ -272,6 +273,7 @@ class ImageManager:
             buildargs={**self.settings.build_args, "BASE_IMAGE": self.settings.base_image},
             network_mode=self.settings.build_network_mode,
             nocache=nocache,
+            cpu_shares=self.settings.build_cpu_shares,
         )
         return self.builder.build(spec)
 

@@ -7,6 +7,7 @@ import http.server
 import threading
 import time
 import uuid
+from dataclasses import replace
 
 import docker
 import pytest
@@ -48,6 +49,23 @@ async def test_failed_rebuild_keeps_latest_and_success_keeps_previous(engine, re
     assert second != first
     assert engine.images.get(f"{repo}:latest").id == second
     assert engine.images.get(f"{repo}:previous").id == first, "replaced image kept for rollback"
+
+
+async def test_builds_run_with_a_lower_cpu_weight(engine, repo):
+    """build_cpu_shares reaches the build's RUN containers (cgroup v1 shares, or v2 weight)."""
+    read = (
+        "cat /sys/fs/cgroup/cpu/cpu.shares 2>/dev/null || cat /sys/fs/cgroup/cpu,cpuacct/"
+        "cpu.shares 2>/dev/null || cat /sys/fs/cgroup/cpu.weight"
+    )
+    builder = ImageBuilder(1, lambda: default_client(600))
+    weights = {}
+    for shares in (0, 256):
+        s = spec(repo, f"RUN echo {shares} {uuid.uuid4().hex} && ({read}) > /weight", str(shares))
+        image = await builder.build(replace(s, cpu_shares=shares or None)).wait()
+        out = engine.containers.run(image, ["cat", "/weight"], remove=True, user="root")
+        weights[shares] = out.decode().strip()
+    # Docker's default is 1024 shares (v2 weight 100); 256 shares is v2 weight 10
+    assert (weights[0], weights[256]) in (("1024", "256"), ("100", "10")), weights
 
 
 async def test_one_build_per_image_and_a_limit_overall(engine, repo):
