@@ -27,16 +27,18 @@ from ds01_spawner.identity import user_slug
 from ds01_spawner.images import image_ref
 
 from .allocator import allocator_times
-from .hub import ds01_config, log_to, plain_config, running_hub, sweep
+from .hub import BENCH_PROJECT, ds01_config, log_to, plain_config, running_hub, sweep
+from .isolation import build_isolation
+from .plot import plot
 from .rebuild import rebuild_times
 from .spawn import merge, spawn_series
-from .storm import spawn_storm
+from .storm import footprint_ratios, storm_and_footprint, storm_ratios
 
 HERE = Path(__file__).resolve().parent
 TARGET_START_RATIO = 1.10  # the issue: DS01 spawns within 10% of plain DockerSpawner
-STORM_USERS, STORM_GPUS = 20, 4
-BENCH_PROJECT = "bench"
+STORM_USERS, STORM_GPU_USERS, STORM_GPUS = 30, 15, 4
 LABEL = {"plain": "plain DockerSpawner", "ds01": "DS01Spawner (its warm-up builds the image)"}
+STEPS = 6
 
 
 def machine(engine: docker.DockerClient) -> dict:
@@ -64,19 +66,27 @@ async def run_all(quick: bool) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="ds01-bench-"))
     log_to(workdir / "hub.log")
     ok = False
+    storm: dict[str, dict] = {}
+    footprint: dict[str, dict] = {}
     try:
         # ABBA order (plain, ds01, ds01, plain): a machine getting slower or faster
         # during the run (other work on it, caches) favours neither spawner
         sessions: dict[str, list[dict]] = {"plain": [], "ds01": []}
         rounds = [(("plain", "ds01"), (n + 1) // 2), (("ds01", "plain"), n // 2)]
         for r, (order, count) in enumerate(rounds):
+            last = r == len(rounds) - 1  # the storms reuse the last sessions' hubs
             for kind in order:
-                print(f"[1/4] spawn latency: {LABEL[kind]}, 1 warm-up + {count}", flush=True)
+                step(1, f"spawn latency: {LABEL[kind]}, 1 warm-up + {count}")
                 if kind == "plain":
                     async with running_hub(plain_config(workdir / f"plain{r}"), engine) as hub:
                         sessions[kind].append(
                             await spawn_series(hub, hub.new_user("p"), None, count)
                         )
+                        if last:
+                            step(2, f"spawn storm, then {STORM_USERS} servers idle: {LABEL[kind]}")
+                            storm[kind], footprint[kind] = await storm_and_footprint(
+                                hub, tag="q", users=STORM_USERS, api_idle_s=1.0 if quick else 2.0
+                            )
                     continue
                 config = ds01_config(
                     workdir / f"ds01{r}",
@@ -87,20 +97,29 @@ async def run_all(quick: bool) -> dict:
                     user = hub.new_user("d")
                     options = {"project": BENCH_PROJECT}
                     sessions[kind].append(await spawn_series(hub, user, options, count))
-                    if r == len(rounds) - 1:  # the storm reuses this hub and its built image
-                        print(f"[2/4] GPU spawn storm: {STORM_USERS} users at once", flush=True)
-                        results["storm"] = await spawn_storm(
+                    if last:  # every storm user's image: this user's, tagged
+                        step(2, f"spawn storm, then {STORM_USERS} servers idle: DS01Spawner")
+                        storm[kind], footprint[kind] = await storm_and_footprint(
                             hub,
-                            image_ref(user_slug(user), BENCH_PROJECT),
+                            tag="s",
                             users=STORM_USERS,
+                            gpu_users=STORM_GPU_USERS,
                             gpus=STORM_GPUS,
-                            idle_s=1.0 if quick else 2.0,
+                            source_image=image_ref(user_slug(user), BENCH_PROJECT),
+                            api_idle_s=1.0 if quick else 2.0,
                         )
         ds01, plain = merge(sessions["ds01"]), merge(sessions["plain"])
         results["spawn"] = spawn_summary(ds01, plain, n)
-        print("[3/4] allocator decision time", flush=True)
+        results["storm"] = {**storm, "ratios": storm_ratios(storm["ds01"], storm["plain"])}
+        results["footprint"] = {
+            **footprint,
+            "ratios": footprint_ratios(footprint["ds01"], footprint["plain"]),
+        }
+        step(3, f"build isolation: user B's {n} spawns without, then with, a long build")
+        results["isolation"] = await build_isolation(engine, workdir / "isolation", n)
+        step(4, "allocator decision time")
         results["allocator"] = allocator_times(200)
-        print("[4/4] rebuild after adding one package vs. a cold build", flush=True)
+        step(5, "rebuild after adding one package vs. a cold build")
         results["rebuild"] = await rebuild_times()
         ok = True
     finally:
@@ -112,6 +131,10 @@ async def run_all(quick: bool) -> dict:
             print(f"benchmark failed; the hub's log is in {workdir}/hub.log", file=sys.stderr)
     results["runtime_s"] = round(time.monotonic() - started, 1)
     return results
+
+
+def step(i: int, what: str) -> None:
+    print(f"[{i}/{STEPS}] {what}", flush=True)
 
 
 def spawn_summary(ds01: dict, plain: dict, n: int) -> dict:
@@ -138,7 +161,7 @@ def spawn_summary(ds01: dict, plain: dict, n: int) -> dict:
 
 
 def table(r: dict) -> str:
-    s, st, al = r["spawn"], r["storm"], r["allocator"]
+    s, al = r["spawn"], r["allocator"]
     m = r["machine"]
     extra = s["ds01"]["start_median_s"] - s["plain"]["start_median_s"]
     top = ", ".join(
@@ -188,22 +211,11 @@ def table(r: dict) -> str:
             f"   {row['row'][:52]:52}{row['ds01_s']:>7.3f}{row['plain_s']:>7.3f}"
             f"{row['extra_s']:>+8.3f}"
         )
-    idle, busy = st["api_users_idle"], st["api_users_during_storm"]
+    lines += ["", *storm_table(r["storm"]), "", *footprint_table(r["footprint"])]
+    lines += ["", *isolation_table(r["isolation"])]
     lines += [
         "",
-        f"2. GPU spawn storm: {st['users']} users at once, {st['simulated_gpus']} simulated GPUs, "
-        "1 GPU each, limit 1 per user",
-        f"   all settled in {st['settled_s']:.2f} s; ready {st['ready']} (expect 4), refused "
-        f"{st['refused']} (expect 16), other failures {st['failed']}; "
-        f"GPUs given twice: {st['gpus_given_twice']} (must be 0)",
-        f"   median time to ready {fmt_s(st['ready_median_s'])}, to refusal "
-        f"{fmt_s(st['refused_median_s'])}; POST answers {st['post_status_codes']}",
-        f"   GET /hub/api/users  idle: p50 {idle.get('p50_ms')} ms, p95 {idle.get('p95_ms')} ms"
-        f" (n={idle['n']});  during storm: p50 {busy.get('p50_ms')} ms, "
-        f"p95 {busy.get('p95_ms')} ms, max {busy.get('max_ms')} ms (n={busy['n']})",
-        f"   refusal says: {st['refusal_example'][:150]}",
-        "",
-        f"3. Allocator decision time: {al['gpus']} GPUs ({al['slots']} slots incl. MIG), "
+        f"5. Allocator decision time: {al['gpus']} GPUs ({al['slots']} slots incl. MIG), "
         f"{al['holders']} ledger entries",
     ]
     for key, label in [
@@ -218,9 +230,202 @@ def table(r: dict) -> str:
             f"   ({t['calls']} calls)"
         )
     lines += ["", *rebuild_table(r["rebuild"])]
-    if st["failures"]:
-        lines += ["", "storm failures:", *(f"   {f}" for f in st["failures"])]
+    lines += ["", f"plot: {r['plot'] or 'none (matplotlib is not installed)'}"]
+    for kind in ("ds01", "plain"):
+        failures = r["storm"][kind]["failures"] + r["footprint"][kind]["restart_failures"]
+        if failures:
+            lines += ["", f"{kind} storm failures:", *(f"   {f}" for f in failures)]
     return "\n".join(lines)
+
+
+def storm_table(st: dict) -> list[str]:
+    d, p, q = st["ds01"], st["plain"], st["ratios"]
+    idle_d, idle_p = d["api_users_idle"], p["api_users_idle"]
+    busy_d, busy_p = d["api_users_during_storm"], p["api_users_during_storm"]
+    expect_refused = d["gpu_users"] - d["simulated_gpus"]
+    return [
+        f"2. Spawn storm: {d['users']} users start at once. DS01: {d['gpu_users']} ask for a GPU"
+        f" ({d['simulated_gpus']} simulated, limit 1 per user), {d['users'] - d['gpu_users']}"
+        " ask nothing; plain: no options",
+        f"   {'':36}{'DS01Spawner':>12}{'DockerSpawner':>15}{'ratio':>8}",
+        triple("all ready or refused", d["settled_s"], p["settled_s"], "s", q["settled"]),
+        triple(
+            f"  plain: {d['ready']} ready (as many as DS01)",
+            d["settled_s"],
+            q["plain_same_count_ready_s"],
+            "s",
+            q["settled_vs_plain_same_count"],
+        ),
+        triple("median POST -> ready", d["ready_median_s"], p["ready_median_s"], "s"),
+        triple(
+            "GET /hub/api/users p50, storm",
+            busy_d["p50_ms"],
+            busy_p["p50_ms"],
+            "ms",
+            q["api_p50_during_storm"],
+            1,
+        ),
+        triple(
+            "GET /hub/api/users p95, storm",
+            busy_d["p95_ms"],
+            busy_p["p95_ms"],
+            "ms",
+            q["api_p95_during_storm"],
+            1,
+        ),
+        triple("  p50 before the storm", idle_d["p50_ms"], idle_p["p50_ms"], "ms", digits=1),
+        triple("  p95 before the storm", idle_d["p95_ms"], idle_p["p95_ms"], "ms", digits=1),
+        triple(
+            "hub CPU during the storm",
+            d["hub_cpu_s"],
+            p["hub_cpu_s"],
+            "s",
+            q["hub_cpu_during_storm"],
+        ),
+        triple(
+            "  per server started",
+            d["hub_cpu_per_server_s"],
+            p["hub_cpu_per_server_s"],
+            "s",
+            q["hub_cpu_per_server"],
+            3,
+        ),
+        triple(
+            "machine CPU busy (all cores)",
+            d["machine_busy_percent"],
+            p["machine_busy_percent"],
+            "%",
+            digits=0,
+        ),
+        f"   DS01: ready {d['ready_cpu']} CPU-only (expect {d['users'] - d['gpu_users']}) + "
+        f"{d['ready_gpu']} with a GPU (expect {d['simulated_gpus']}), refused {d['refused']} "
+        f"(expect {expect_refused}), other failures {d['failed']}; "
+        f"GPUs given twice: {d['gpus_given_twice']} (must be 0)",
+        f"   plain: ready {p['ready']} (expect {p['users']}), other failures {p['failed']}; "
+        f"DS01 median POST -> refusal {fmt_s(d['refused_median_s'])}",
+        f"   POST answers: DS01 {d['post_status_codes']}, plain {p['post_status_codes']}; "
+        f"API samples: {busy_d['n']} / {busy_p['n']} in the storm, errors "
+        f"{d['api_errors']} / {p['api_errors']}",
+        f"   refusal says: {d['refusal_example'][:150]}",
+    ]
+
+
+def footprint_table(fp: dict) -> list[str]:
+    d, p, q = fp["ds01"], fp["plain"], fp["ratios"]
+    di, pi = d["idle"], p["idle"]
+    return [
+        f"3. The hub process with {d['running']} / {p['running']} servers running (the hub runs "
+        "in the benchmark's process: compare the deltas; its CPU in the storm: see 2)",
+        f"   {'':36}{'DS01Spawner':>12}{'DockerSpawner':>15}{'ratio':>8}",
+        triple(
+            "hub RSS, 0 servers (before storm)",
+            d["before"]["hub_rss_mib"],
+            p["before"]["hub_rss_mib"],
+            "MiB",
+            digits=1,
+        ),
+        triple(
+            "hub RSS, servers running",
+            d["after"]["hub_rss_mib"],
+            p["after"]["hub_rss_mib"],
+            "MiB",
+            digits=1,
+        ),
+        triple(
+            "  delta", d["hub_rss_delta_mib"], p["hub_rss_delta_mib"], "MiB", q["hub_rss_delta"], 1
+        ),
+        triple(
+            f"hub CPU, idle {di['window_s']:.0f} s window",
+            di["cpu_percent"],
+            pi["cpu_percent"],
+            "%",
+            q["hub_cpu_idle"],
+        ),
+        triple(
+            "proxy RSS, 0 servers",
+            d["before"]["proxy_rss_mib"],
+            p["before"]["proxy_rss_mib"],
+            "MiB",
+            digits=1,
+        ),
+        triple(
+            "proxy RSS, servers running",
+            d["after"]["proxy_rss_mib"],
+            p["after"]["proxy_rss_mib"],
+            "MiB",
+            digits=1,
+        ),
+        triple(
+            "  delta",
+            d["proxy_rss_delta_mib"],
+            p["proxy_rss_delta_mib"],
+            "MiB",
+            q["proxy_rss_delta"],
+            1,
+        ),
+        f"   idle window: poll_interval {di['poll_interval_s']} s; servers polled in it: DS01 "
+        f"{di['servers_polled']}/{d['running']}, plain {pi['servers_polled']}/{p['running']}; "
+        f"DS01 restarted its {d['restarted']} refused users without a GPU first",
+    ]
+
+
+def isolation_table(iso: dict) -> list[str]:
+    a, b = iso["api_users_without_build"], iso["api_users_with_build"]
+    target = iso["target_ratio"]
+    s, t = iso["to_server_answers_median_s"], iso["start_median_s"]
+    qc, bc = iso["cpu_without_build"], iso["cpu_with_build"]
+
+    def check(ratio: float | None) -> str:
+        return "-" if ratio is None else "ok" if ratio <= target else "OVER"
+
+    overlap = (
+        f"all {iso['n']} of B's spawns ran inside the build"
+        if iso["spawns_overlapping_build"] == iso["n"]
+        else f"only {iso['spawns_overlapping_build']} of B's {iso['n']} spawns ran inside the"
+        " build (it ended first)"
+    )
+    return [
+        f"4. Build isolation: user B spawns {iso['n']} times with no build running, then while "
+        f"user A's first spawn builds an image (one CPU core busy {iso['burn_s']:g} s)",
+        f"   {'':36}{'no build':>12}{'build':>15}{'ratio':>8}   target <= {target:.2f}",
+        triple(
+            "B: REST -> server answers, median", s["without"], s["with"], "s", iso["spawn_ratio"]
+        )
+        + f"   {check(iso['spawn_ratio'])}",
+        triple("B: REST -> ready, median", t["without"], t["with"], "s", iso["start_ratio"])
+        + f"   {check(iso['start_ratio'])}  (hub poll jitter)",
+        triple("GET /hub/api/users p50", a["p50_ms"], b["p50_ms"], "ms", iso["api_p50_ratio"], 1)
+        + f"   {check(iso['api_p50_ratio'])}",
+        triple("GET /hub/api/users p95", a["p95_ms"], b["p95_ms"], "ms", iso["api_p95_ratio"], 1)
+        + f"   {check(iso['api_p95_ratio'])}",
+        f"   {overlap}: the build ran {iso['build_ran_on_s']:.1f} s from its busy step, B's "
+        f"spawns took {iso['spawns_took_s']:.1f} s; API samples {a['n']} / {b['n']}; "
+        f"A's spawn (build + start) {iso['slow_build_spawn_s']:.1f} s",
+        f"   CPU while B spawned: hub process {qc['hub_cpu_percent']:.0f}% -> "
+        f"{bc['hub_cpu_percent']:.0f}% of a core, machine {qc['machine_busy_percent']:.0f}% -> "
+        f"{bc['machine_busy_percent']:.0f}% of all cores",
+        "   every B spawn, REST -> server answers (s): no build "
+        + spread([x["to_server_answers_s"] for x in iso["without_build"]])
+        + "; build "
+        + spread([x["to_server_answers_s"] for x in iso["with_build"]]),
+    ]
+
+
+def triple(
+    label: str,
+    ds01: float | None,
+    plain: float | None,
+    unit: str,
+    ratio: float | None = None,
+    digits: int = 2,
+) -> str:
+    """`   label      12.34 s      10.00 s    1.23`: two values and, if given, their ratio."""
+
+    def value(x: float | None) -> str:
+        return "-" if x is None else f"{x:.{digits}f} {unit}"
+
+    shown = "" if ratio is None else f"{ratio:>8.2f}"
+    return f"   {label:36}{value(ds01):>12}{value(plain):>15}{shown}"
 
 
 def rebuild_table(rb: dict) -> list[str]:
@@ -228,7 +433,7 @@ def rebuild_table(rb: dict) -> list[str]:
     cold, rebuild, unchanged = b["cold_b"], b["rebuild_b"], b["unchanged_a"]
     t = rebuild["seconds_by_kind"]
     return [
-        "4. Rebuild after adding one package vs. a cold build of the same Dockerfile, one run",
+        "6. Rebuild after adding one package vs. a cold build of the same Dockerfile, one run",
         f"   {rb['template']} + {len(rb['packages_a'])} pip packages (a RUN each; tiny wheels"
         f" from a local index), then {rb['added']} added",
         f"   {'cold build (nocache)':34}{cold['seconds']:>7.2f} s   {ran(cold)}",
@@ -283,6 +488,11 @@ def main() -> int:
     args = parser.parse_args()
     results = asyncio.run(run_all(args.quick))
     out = Path(args.json)
+    step(6, "plot")
+    drawn = plot(results, out.with_name("spawn_latency.png"))
+    if drawn is None:
+        print("   no plot: matplotlib is not installed (pip install -e '.[bench]')", flush=True)
+    results["plot"] = os.path.relpath(drawn, HERE.parent) if drawn else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
