@@ -829,7 +829,7 @@ class DS01Spawner(DockerSpawner):
         except OSError as e:
             raise refusal(
                 f"cannot prepare the workspace of {request.name!r}: {e.strerror} "
-                f"({e.filename}). Nothing was changed; ask an admin to check that the "
+                f"({e.filename}). Ask an admin to check that the "
                 f"workspace root {self.workspace_root} is writable by the hub.",
                 reason="workspace",
                 status_code=500,
