@@ -317,23 +317,7 @@ def footprint_table(fp: dict) -> list[str]:
         f"3. The hub process with {d['running']} / {p['running']} servers running (the hub runs "
         "in the benchmark's process: compare the deltas; its CPU in the storm: see 2)",
         f"   {'':36}{'DS01Spawner':>12}{'DockerSpawner':>15}{'ratio':>8}",
-        triple(
-            "hub RSS, 0 servers (before storm)",
-            d["before"]["hub_rss_mib"],
-            p["before"]["hub_rss_mib"],
-            "MiB",
-            digits=1,
-        ),
-        triple(
-            "hub RSS, servers running",
-            d["after"]["hub_rss_mib"],
-            p["after"]["hub_rss_mib"],
-            "MiB",
-            digits=1,
-        ),
-        triple(
-            "  delta", d["hub_rss_delta_mib"], p["hub_rss_delta_mib"], "MiB", q["hub_rss_delta"], 1
-        ),
+        *rss_rows(d, p, "hub", " (before storm)", q["hub_rss_delta"]),
         triple(
             f"hub CPU, idle {di['window_s']:.0f} s window",
             di["cpu_percent"],
@@ -341,31 +325,26 @@ def footprint_table(fp: dict) -> list[str]:
             "%",
             q["hub_cpu_idle"],
         ),
-        triple(
-            "proxy RSS, 0 servers",
-            d["before"]["proxy_rss_mib"],
-            p["before"]["proxy_rss_mib"],
-            "MiB",
-            digits=1,
-        ),
-        triple(
-            "proxy RSS, servers running",
-            d["after"]["proxy_rss_mib"],
-            p["after"]["proxy_rss_mib"],
-            "MiB",
-            digits=1,
-        ),
-        triple(
-            "  delta",
-            d["proxy_rss_delta_mib"],
-            p["proxy_rss_delta_mib"],
-            "MiB",
-            q["proxy_rss_delta"],
-            1,
-        ),
+        *rss_rows(d, p, "proxy", "", q["proxy_rss_delta"]),
         f"   idle window: poll_interval {di['poll_interval_s']} s; servers polled in it: DS01 "
         f"{di['servers_polled']}/{d['running']}, plain {pi['servers_polled']}/{p['running']}; "
         f"DS01 restarted its {d['restarted']} refused users without a GPU first",
+    ]
+
+
+def rss_rows(d: dict, p: dict, process: str, when: str, ratio: float) -> list[str]:
+    """A process's RSS with 0 servers, with them running, and the growth, DS01 and plain."""
+    key = f"{process}_rss_mib"
+    return [
+        triple(
+            f"{process} RSS, 0 servers{when}", d["before"][key], p["before"][key], "MiB", digits=1
+        ),
+        triple(
+            f"{process} RSS, servers running", d["after"][key], p["after"][key], "MiB", digits=1
+        ),
+        triple(
+            "  delta", d[f"{process}_rss_delta_mib"], p[f"{process}_rss_delta_mib"], "MiB", ratio, 1
+        ),
     ]
 
 
