@@ -389,3 +389,40 @@ def test_packages_installed_in_the_container_are_offered_and_accepted(hub, alice
     hub.wait_ready("alice", "thesis")
     (c,) = docker.from_env().containers.list(filters={"label": ["ds01.user=alice"]})
     assert exec_in(c, "python -c 'import ds01extra; print(ds01extra.VALUE)'") == (0, "42")
+
+
+def test_a_junk_token_header_does_not_switch_off_xsrf(hub, alice):
+    """A same-origin page (e.g. another user's server under /user/eve/) sends alice's
+    cookie with fetch() and any header it likes: a junk token must not stand in for
+    the _xsrf, or alice's Dockerfile changes without her."""
+    s = hub.login("alice")
+    assert s.get(f"{hub.url}/services/ds01/images/alice/thesis", timeout=30).status_code == 200
+    before = (workspace(hub, "alice", "thesis") / "Dockerfile").read_text()
+    info = alice.get("images/alice/thesis").json()
+    for header in ("token junk", "Bearer junk", "token "):
+        r = s.post(
+            f"{hub.url}/services/ds01/api/images/alice/thesis/packages",
+            json={"add_pip": ["evilpkg"], "rebuild": True},
+            headers={
+                "Authorization": header,
+                "Sec-Fetch-Mode": "cors",
+                "Sec-Fetch-Site": "same-origin",
+            },
+            timeout=30,
+            allow_redirects=False,
+        )
+        assert r.status_code == 403 and "_xsrf" in r.text, (header, r.status_code, r.text[:200])
+    assert (workspace(hub, "alice", "thesis") / "Dockerfile").read_text() == before
+    assert alice.get("images/alice/thesis").json()["build"] == info["build"], "no build started"
+    # a real token still works without _xsrf: scripts and the terminal commands use one
+    r = alice.post("images/alice/thesis/packages", {"remove_pip": ["not-there"]})
+    assert r.status_code == 400 and "not in the managed sections" in r.text, r.text
+
+
+def test_service_pages_cannot_be_framed(hub, alice):
+    s = hub.login("alice")
+    for path in ("", "images/alice/thesis", "limits", "api/images"):
+        r = s.get(f"{hub.url}/services/ds01/{path}", timeout=30)
+        assert r.status_code == 200, (path, r.status_code)
+        assert r.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+        assert r.headers["X-Frame-Options"] == "DENY"
