@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .identity import UserIds, user_slug
+from .identity import SlugRegistry, UserIds
 from .statefiles import write_json
 
 # JupyterHub's own rules for named servers, so a project name is a server name.
@@ -110,17 +110,25 @@ class ProjectStore:
     """Project records on the hub side, one small JSON file per project.
 
     Kept outside the workspaces on purpose: a workspace is writable from inside
-    the user's container, so nothing the hub relies on lives there.
+    the user's container, so nothing the hub relies on lives there. Records lie
+    under their owner's slug, but a listing shown to a user is always filtered
+    by owner (`list_owned`): a record under your slug that names someone else
+    is not yours.
     """
 
     def __init__(self, state_dir: str | os.PathLike[str]) -> None:
         self.root = Path(state_dir) / "projects"
+        self.slugs = SlugRegistry(Path(state_dir) / "slugs.json", legacy_owners=self.owners_under)
+
+    def slug(self, owner: str) -> str:
+        """`owner`'s slug: it names their records, workspaces, images and containers."""
+        return self.slugs.slug_for(owner)
 
     def _dir(self, slug: str) -> Path:
         return self.root / slug
 
     def list(self, slug: str) -> list[Project]:
-        """The user's projects, most recently used first."""
+        """Every record under `slug`, whoever it names, most recently used first."""
         projects = []
         for path in sorted(self._dir(slug).glob("*.json")):
             try:
@@ -131,7 +139,11 @@ class ProjectStore:
 
     def list_owned(self, owner: str) -> list[Project]:
         """`owner`'s projects (by hub name), most recently used first."""
-        return [p for p in self.list(user_slug(owner)) if p.owner == owner]
+        return [p for p in self.list(self.slug(owner)) if p.owner == owner]
+
+    def owners_under(self, slug: str) -> set[str]:
+        """Who has records under `slug` (how the slug registry sees existing objects)."""
+        return {p.owner for p in self.list(slug)}
 
     def get(self, slug: str, name: str) -> Project | None:
         path = self._dir(slug) / f"{validate_project_name(name)}.json"
@@ -176,17 +188,30 @@ class ProjectRequest:
         return options
 
 
+_GPU_COUNT = re.compile(r"[0-9]{1,3}")  # ASCII only: "²".isdigit() is True, int("²") fails
+
+
 def parse_gpus(value: object) -> tuple[int, bool]:
-    """``gpus``: a whole number of GPUs (0 = CPU only), or ``"mig"`` for one MIG slice."""
+    """``gpus``: a whole number of GPUs (0 = CPU only), or ``"mig"`` for one MIG slice.
+
+    A string must be ASCII digits, an int a real one (not a bool, not 2.0), so
+    that every refusal is an InvalidRequest and no odd value reaches int().
+    """
     if value is None or value == "":
         return 0, False
     if value == "mig":
         return 1, True
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and _GPU_COUNT.fullmatch(value):
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_GPUS_ASKED:
-        raise InvalidRequest(f"gpus must be a whole number from 0 to {MAX_GPUS_ASKED}, or 'mig'")
-    return value, False
+    if isinstance(value, bool) or not isinstance(value, int):
+        got = repr(value[:20]) if isinstance(value, str) else type(value).__name__
+    elif not 0 <= value <= MAX_GPUS_ASKED:
+        got = "a number out of range"  # not repr(): a 5000-digit int cannot be printed
+    else:
+        return value, False
+    raise InvalidRequest(
+        f"gpus must be a whole number from 0 to {MAX_GPUS_ASKED}, or 'mig' (got {got})"
+    )
 
 
 def parse_user_options(
@@ -210,7 +235,7 @@ def parse_user_options(
         raise InvalidRequest("user_options must be a JSON object")
     try:
         size = len(json.dumps(options))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         raise InvalidRequest("user_options must be plain JSON") from None
     if size > MAX_OPTIONS_BYTES:
         raise InvalidRequest(f"user_options too large ({size} bytes, limit {MAX_OPTIONS_BYTES})")

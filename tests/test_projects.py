@@ -14,6 +14,7 @@ from ds01_spawner.projects import (
     WorkspaceError,
     discover_types,
     options_from_form,
+    parse_gpus,
     parse_user_options,
     prepare_workspace,
     read_workspace_file,
@@ -156,6 +157,50 @@ def test_form_output_goes_through_the_same_validator():
         parse(options_from_form({"project": ["__new__"], "new_project": ["Bad Name"]}))
 
 
+@pytest.mark.parametrize(
+    ("gpus", "asked"), [("2", (2, False)), (3, (3, False)), ("mig", (1, True)), ("", (0, False))]
+)
+def test_gpus_are_a_whole_number_or_mig(gpus, asked):
+    r = parse({"project": "thesis", "gpus": gpus})
+    assert (r.gpus, r.mig) == asked
+
+
+def test_no_gpus_asked_means_none():
+    assert parse({"project": "thesis", "gpus": None}).gpus == 0
+    assert parse({"project": "thesis"}).gpus == 0
+
+
+ODD_GPUS = ["²", "\u0661", "1e3", "1.5", "-1", " 2", "2\n", "0x2", "65", "9" * 5000, True, False]
+ODD_GPUS += [-1, 1.5, 2.0, 65, 10**5000, float("nan"), [1], {"n": 1}]
+
+
+def _shown(value: object) -> str:
+    return "10**5000" if value == 10**5000 else repr(value)[:12]  # its repr() raises
+
+
+@pytest.mark.parametrize("gpus", ODD_GPUS, ids=_shown)
+def test_odd_gpu_counts_are_a_request_error_not_a_crash(gpus):
+    """A crash (``"²".isdigit()`` is True, ``int("²")`` fails) is not the
+    spawner's refusal, and left the bad options stored with the server."""
+    with pytest.raises(InvalidRequest, match=r"gpus must be a whole number from 0 to 64"):
+        parse_gpus(gpus)
+
+
+@pytest.mark.parametrize("gpus", ["²", "\u0661", "1e3", "-1", "1.5"])
+def test_odd_gpu_counts_from_the_form_are_refused_by_the_same_validator(gpus):
+    options = options_from_form({"project": ["thesis"], "gpus": [gpus]})
+    with pytest.raises(InvalidRequest, match="gpus must be a whole number"):
+        parse(options)
+
+
+def test_deeply_nested_options_are_a_request_error():
+    nested: object = "x"
+    for _ in range(5000):
+        nested = [nested]
+    with pytest.raises(InvalidRequest, match="plain JSON"):
+        parse({"project": "thesis", "type": nested})
+
+
 def test_store_round_trip_and_recency(tmp_path):
     store = ProjectStore(tmp_path)
     a, b = Project("alice", "a", "base", 1.0), Project("alice", "b", "cv", 2.0)
@@ -245,3 +290,39 @@ def test_workspace_files_are_read_safely(tmp_path):
         read_workspace_file(tmp_path / "Fifo", 100)
     with pytest.raises(WorkspaceError, match="missing"):
         read_workspace_file(tmp_path / "Nope", 100)
+
+
+# ---------------------------------------------------------------- owners and slugs
+
+
+def test_listing_shows_only_the_owners_records(tmp_path):
+    store = ProjectStore(tmp_path)
+    slug = store.slug("alice")
+    store.save(slug, Project("alice", "mine", "base", 1.0))
+    store.save(slug, Project("mallory", "forged", "base", 2.0))  # a record naming someone else
+    assert [p.name for p in store.list_owned("alice")] == ["mine"]
+    assert store.list_owned("mallory") == [], "mallory's slug is her own, not alice's"
+
+
+def test_a_fold_and_its_literal_twin_list_separate_projects(tmp_path):
+    fold = "h.baker@uni.edu"
+    twin = ProjectStore(tmp_path).slug(fold)  # the fold registers first
+    store = ProjectStore(tmp_path)
+    assert store.slug(twin) != twin, "the literal twin gets a slug of its own"
+    store.save(store.slug(fold), Project(fold, "thesis", "base", 1.0))
+    assert store.list_owned(twin) == []
+    assert [p.name for p in store.list_owned(fold)] == ["thesis"]
+
+
+def test_existing_records_keep_their_owners_slug(tmp_path):
+    """An installation from before the slug registry: records lie under natural slugs."""
+    from ds01_spawner.identity import natural_slug
+
+    fold = "h.baker@uni.edu"
+    twin = natural_slug(fold)
+    ProjectStore(tmp_path).save(twin, Project(fold, "thesis", "base", 1.0))
+    store = ProjectStore(tmp_path)
+    assert store.slug(twin) != twin, "the twin signing in first does not take h.baker's slug"
+    assert store.slug(fold) == twin
+    assert [p.name for p in store.list_owned(fold)] == ["thesis"]
+    assert store.list_owned(twin) == []
