@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -64,6 +65,20 @@ _DIRECTIVE = re.compile(r"#\s*([A-Za-z][A-Za-z0-9]*)\s*=\s*(\S*)\s*")
 
 class DockerfileError(ValueError):
     """A Dockerfile whose managed sections cannot be read or changed safely."""
+
+
+def check_package_count(count: int, what: str = "packages") -> None:
+    """Refuse more packages than the managed sections may hold.
+
+    Called before any package is validated or compared, so that a request
+    naming thousands of packages costs a count, not thousands of parses.
+    """
+    if count > MAX_MANAGED_PACKAGES:
+        raise DockerfileError(
+            f"{count} {what} is more than the {MAX_MANAGED_PACKAGES} the image-update page "
+            "manages: each is a layer of the image, and Docker cannot run images with more "
+            "than about 125 layers; remove packages you do not need"
+        )
 
 
 @dataclass(frozen=True)
@@ -154,8 +169,8 @@ def _content(line: str) -> str:
 
 
 def _is_comment_or_blank(line: str) -> bool:
-    stripped = _content(line).strip()
-    return not stripped or stripped.startswith("#")
+    # lstrip() also takes a lone "\r"; this runs on every line of a file up to 256 KB
+    return line.lstrip()[:1] in ("", "#")
 
 
 def _escape_char(lines: list[str]) -> str:
@@ -188,6 +203,8 @@ def _check_not_continued(lines: list[str], before: int, what: str) -> None:
 def _find_markers(lines: list[str]) -> dict[str, int]:
     found: dict[str, int] = {}
     for index, line in enumerate(lines):
+        if "ds01 managed" not in line:  # every marker prefix has it; a cheap first test
+            continue
         text = _content(line).strip()
         if not text.startswith(_MARKER_PREFIXES):
             continue
@@ -218,12 +235,12 @@ def _hand_edited(kind: _Kind, number: int, line: str, reason: str = "") -> Docke
 
 
 def _read_section(lines: list[str], kind: _Kind, start: int, end: int) -> tuple[str, ...]:
+    body = [index for index in range(start + 1, end) if not _is_comment_or_blank(lines[index])]
+    check_package_count(len(body), f"lines in the managed {kind.label} section")
     packages: list[str] = []
     seen: dict[str, int] = {}
-    for index in range(start + 1, end):
+    for index in body:
         line = lines[index]
-        if _is_comment_or_blank(line):
-            continue
         try:
             package = kind.parse(_content(line))
         except PackageError as exc:
@@ -302,22 +319,17 @@ def _checked(packages: ManagedPackages) -> ManagedPackages:
     lists too long to build."""
     if not isinstance(packages, ManagedPackages):
         raise TypeError("render_managed takes a ManagedPackages")
+    check_package_count(len(packages.apt) + len(packages.pip))
     apt = tuple(validate_apt_package(p) for p in packages.apt)
     pip = tuple(validate_pip_spec(p, allow_urls=True) for p in packages.pip)
     for kind, entries in ((_APT, apt), (_PIP, pip)):
-        names = [kind.name(entry) for entry in entries]
-        repeated = sorted({name for name in names if names.count(name) > 1})
+        counts = Counter(kind.name(entry) for entry in entries)
+        repeated = sorted(name for name, count in counts.items() if count > 1)
         if repeated:
             raise DockerfileError(
                 f"{kind.label} packages listed more than once: {', '.join(repeated)}; "
                 "keep one entry per package"
             )
-    if len(apt) + len(pip) > MAX_MANAGED_PACKAGES:
-        raise DockerfileError(
-            f"{len(apt) + len(pip)} packages is more than the {MAX_MANAGED_PACKAGES} the "
-            "image-update page manages: each is a layer of the image, and Docker cannot run "
-            "images with more than about 125 layers; remove packages you do not need"
-        )
     return ManagedPackages(apt=apt, pip=pip)
 
 
@@ -355,10 +367,15 @@ def render_managed(dockerfile: str, packages: ManagedPackages) -> str:
     return result + newline.join(blocks)
 
 
-def _reject_bare_string(**lists: Iterable[str]) -> None:
+def _bounded_lists(**lists: Iterable[str]) -> dict[str, list[str]]:
+    """The package lists as lists, refused when too long before any entry is read."""
+    out: dict[str, list[str]] = {}
     for name, value in lists.items():
         if isinstance(value, str):
             raise TypeError(f"{name}= takes a list of packages, not a single string")
+        out[name] = list(value)
+    check_package_count(sum(map(len, out.values())), "packages named")
+    return out
 
 
 def add_packages(
@@ -375,9 +392,9 @@ def add_packages(
     stay; new packages are appended. If nothing changes, the input comes back
     unchanged. ``allow_urls`` lets pip specs be https direct references.
     """
-    _reject_bare_string(pip=pip, apt=apt)
-    new_pip = [validate_pip_spec(spec, allow_urls=allow_urls) for spec in pip]
-    new_apt = [validate_apt_package(package) for package in apt]
+    named = _bounded_lists(pip=pip, apt=apt)
+    new_pip = [validate_pip_spec(spec, allow_urls=allow_urls) for spec in named["pip"]]
+    new_apt = [validate_apt_package(package) for package in named["apt"]]
     current = read_managed(dockerfile)
     updated = ManagedPackages(
         apt=_merged(current.apt, new_apt, apt_name),
@@ -391,14 +408,12 @@ def add_packages(
 def _merged(
     current: tuple[str, ...], additions: list[str], name: Callable[[str], str]
 ) -> tuple[str, ...]:
-    entries = list(current)
+    """``current`` with each addition replacing the entry of its name in place,
+    or appended: one dict keyed by name (dicts keep insertion order)."""
+    entries = {name(entry): entry for entry in current}
     for addition in additions:
-        names = [name(entry) for entry in entries]
-        if name(addition) in names:
-            entries[names.index(name(addition))] = addition
-        else:
-            entries.append(addition)
-    return tuple(entries)
+        entries[name(addition)] = addition
+    return tuple(entries.values())
 
 
 def remove_packages(dockerfile: str, *, pip: Iterable[str] = (), apt: Iterable[str] = ()) -> str:
@@ -410,9 +425,9 @@ def remove_packages(dockerfile: str, *, pip: Iterable[str] = (), apt: Iterable[s
     error: it may be installed by a line outside the markers, which this
     function does not touch.
     """
-    _reject_bare_string(pip=pip, apt=apt)
-    pip_names = {pip_name(spec) for spec in pip}
-    apt_names = {apt_name(package) for package in apt}
+    named = _bounded_lists(pip=pip, apt=apt)
+    pip_names = {pip_name(spec) for spec in named["pip"]}
+    apt_names = {apt_name(package) for package in named["apt"]}
     if not pip_names and not apt_names:
         return dockerfile
     current = read_managed(dockerfile)

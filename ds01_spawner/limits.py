@@ -27,7 +27,6 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -62,6 +61,8 @@ def parse_duration(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, str):
         raise ValueError(f"{value!r} is not a duration; write it with a unit: 30m, 1.5h, 2d")
     text = value.strip().replace(" ", "")
+    if len(text) > 40:  # findall backtracks on a long run of digits; no duration is that long
+        raise ValueError(f"{value[:40]!r}... is not a duration; write it like 30m, 1.5h, 2d")
     parts = _DURATION_PART.findall(text)
     if not parts or "".join(n + u for n, u in parts).lower() != text.lower():
         raise ValueError(f"{value!r} is not a duration; write it with a unit: 30m, 1.5h, 2d")
@@ -272,12 +273,61 @@ class Policy:
 # ---------------------------------------------------------------- parsing
 
 
+# PyYAML reads about 140 KB a second here, and the hub reads the policy on its
+# event loop after each edit; 256 KB is a lab of several thousand users.
+MAX_POLICY_BYTES = 256 * 1024
+MAX_POLICY_DEPTH = 16  # users -> name -> limit -> list is four
+
+
+class _NotAllowed(yaml.composer.ComposerError):
+    """YAML that parses, but that a policy may not use."""
+
+
+class _PolicyLoader(yaml.SafeLoader):
+    """SafeLoader's composer, refusing what a policy never needs: explicit tags
+    (``!!python/object``, ``!custom``), which no constructor here should meet,
+    and anchors and aliases, which expand exponentially once the tree is walked
+    (an alias bomb of nine levels is a billion values). Nesting is bounded too,
+    so that composing never recurses deeper than a policy needs."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _NotAllowed(
+                None,
+                None,
+                "anchors and aliases (&name, *name) are not allowed in the policy; "
+                "write each value out",
+                event.start_mark,
+            )
+        tag = getattr(event, "tag", None)
+        if tag not in (None, "!"):
+            raise _NotAllowed(
+                None,
+                None,
+                f"the tag {tag!r} is not allowed in the policy; write plain values",
+                event.start_mark,
+            )
+        if self._depth >= MAX_POLICY_DEPTH:
+            raise _NotAllowed(
+                None, None, f"nested more than {MAX_POLICY_DEPTH} levels deep", event.start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 class _Located:
     """Values from YAML with the line of each key, to point errors at the file."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, loader: yaml.SafeLoader | None = None) -> None:
         self.source = source
         self.lines: dict[str, int] = {}
+        self.loader = loader or _PolicyLoader("")
 
     def error(self, key: str, message: str) -> PolicyError:
         return PolicyError(message, source=self.source, line=self.lines.get(key), key=key)
@@ -304,24 +354,47 @@ class _Located:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.convert(v, path) for v in node.value]
-        return yaml.SafeLoader("").construct_object(node, deep=True)  # a scalar, as YAML types it
+        try:
+            return self.loader.construct_object(node, deep=True)  # a scalar, as YAML types it
+        except (yaml.YAMLError, ValueError) as e:  # "2024-13-01" is a timestamp to YAML
+            shown = node.value if len(node.value) <= 40 else node.value[:40] + "..."
+            reason = getattr(e, "problem", None) or str(e)
+            raise PolicyError(
+                f"{shown!r} is not a value YAML can read: {reason}",
+                source=self.source,
+                line=_line(node),
+                key=path,
+            ) from None
 
 
 def _line(node: yaml.Node) -> int:
     return node.start_mark.line + 1
 
 
+def _check_size(size: int, source: str) -> None:
+    """Refuse a policy too large to parse quickly (see MAX_POLICY_BYTES)."""
+    if size > MAX_POLICY_BYTES:
+        raise PolicyError(
+            f"the policy is larger than {MAX_POLICY_BYTES // 1024} KB; is this the right file?",
+            source=source,
+        )
+
+
 def load_policy_text(text: str, source: str) -> tuple[dict[str, Any], _Located]:
-    located = _Located(source)
+    _check_size(len(text), source)
+    loader = _PolicyLoader(text)
+    located = _Located(source, loader)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = loader.get_single_node()
+        raw = {} if node is None else located.convert(node, "")
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e)
-        raise PolicyError(
-            f"not valid YAML: {problem}", source=source, line=mark.line + 1 if mark else None
-        ) from None
-    raw = {} if node is None else located.convert(node, "")
+        if not isinstance(e, _NotAllowed):
+            problem = f"not valid YAML: {problem}"
+        raise PolicyError(problem, source=source, line=mark.line + 1 if mark else None) from None
+    finally:
+        loader.dispose()
     if not isinstance(raw, dict):
         raise PolicyError("the policy must be a mapping of sections", source=source, line=1)
     return raw, located
@@ -443,10 +516,16 @@ def load_policy(
         return parse_policy(base, known_types=known_types)
     source = str(path)
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as file:
+            data = file.read(MAX_POLICY_BYTES + 1)
     except OSError as e:
         reason = f"cannot read the policy file: {e.strerror or e}"
         raise PolicyError(reason, source=source) from None
+    _check_size(len(data), source)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PolicyError(f"not UTF-8 text (byte {e.start})", source=source) from None
     raw, located = load_policy_text(text, source)
     parse_policy(raw, located=located, known_types=known_types)  # errors with file and line
     return replace(parse_policy(_merge(base, raw), known_types=known_types), source=source)

@@ -3,6 +3,7 @@ never able to carry anything but validated packages."""
 
 import difflib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -401,6 +402,73 @@ def test_removing_a_package_that_is_not_there_is_refused():
 def test_removing_nothing_returns_the_input_unchanged():
     text = dockerfile(pip=("numpy",))
     assert remove_packages(text) is text
+
+
+# ---------------------------------------------------------------- hostile sizes
+
+# Merging was quadratic and ran before the cap: 1,500 names froze the service's
+# event loop for 29 s. The target is a few milliseconds; the bound is loose for
+# a loaded CI machine.
+BOUND_S = 0.5
+MANY = [f"pkg{i}" for i in range(1500)]
+FULL = dockerfile(pip=tuple(MANY[:MAX_MANAGED_PACKAGES]))
+
+
+def answered_quickly(change):
+    started = time.perf_counter()
+    with pytest.raises(DockerfileError, match=f"more than the {MAX_MANAGED_PACKAGES}"):
+        change()
+    return time.perf_counter() - started < BOUND_S
+
+
+def test_adding_1500_packages_is_refused_before_any_is_parsed():
+    assert answered_quickly(lambda: add_packages(EMPTY, pip=MANY))
+    assert answered_quickly(lambda: add_packages(EMPTY, apt=MANY))
+    assert answered_quickly(lambda: add_packages(EMPTY, pip=MANY[:50], apt=MANY[:50]))
+
+
+def test_removing_1500_packages_is_refused_before_any_is_parsed():
+    assert answered_quickly(lambda: remove_packages(FULL, pip=MANY))
+
+
+def test_rendering_1500_packages_is_refused_before_any_is_parsed():
+    assert answered_quickly(lambda: render_managed(EMPTY, ManagedPackages(pip=MANY)))
+
+
+def test_a_section_holding_more_lines_than_the_cap_is_refused_before_parsing_them():
+    text = f"{HEAD}{PIP_START}\n" + f"{render_pip_line('numpy')}\n" * 5000 + f"{PIP_END}\n"
+    assert answered_quickly(lambda: read_managed(text))
+
+
+def test_replacing_every_package_of_a_full_section_is_quick():
+    started = time.perf_counter()
+    changed = add_packages(FULL, pip=[f"{name}==1.0" for name in MANY[:MAX_MANAGED_PACKAGES]])
+    assert time.perf_counter() - started < BOUND_S
+    assert read_managed(changed).pip == tuple(f"{n}==1.0" for n in MANY[:MAX_MANAGED_PACKAGES])
+
+
+BIG_DOCKERFILES = {
+    "blank lines": HEAD + "\n" * 250_000,
+    "one long comment": HEAD + "# " * 125_000,
+    "comments in a section": f"{HEAD}{PIP_START}\n" + "# a comment\n" * 20_000 + f"{PIP_END}\n",
+    "a long escape directive": "# escape=" + "` " * 125_000 + "\n" + EMPTY,
+    "lines that nearly are markers": "\n".join(["# ds01 managed"] * 15_000),
+}
+
+
+@pytest.mark.parametrize("text", BIG_DOCKERFILES.values(), ids=BIG_DOCKERFILES.keys())
+def test_reading_a_256_kb_dockerfile_is_quick(text):
+    started = time.perf_counter()
+    try:
+        read_managed(text)
+    except DockerfileError as exc:
+        assert str(exc), "a refusal says why"
+    assert time.perf_counter() - started < BOUND_S
+
+
+def test_a_package_listed_twice_among_many_is_named():
+    with pytest.raises(DockerfileError, match="more than once: pkg7;"):
+        render_managed(EMPTY, ManagedPackages(pip=(*MANY[:80], "PKG7==2")))
 
 
 def test_templates_exist():

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
 from ds01_spawner.limits import (
+    MAX_POLICY_BYTES,
     Limits,
     PolicyError,
     PolicyStore,
@@ -140,6 +142,60 @@ def test_errors_name_file_line_and_key(tmp_path, text, line, key, says):
     if key:
         assert e.value.key == key and f"key {key}" in str(e.value)
     assert says in str(e.value)
+
+
+ALIAS_BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
+)  # nine levels of nine: 9**9 (387 million) strings once walked
+
+
+@pytest.mark.parametrize(
+    "text, line, says",
+    [
+        ("defaults: !!python/object:os.system {}\n", 1, "tag"),
+        ("defaults:\n  memory: !!python/object/apply:os.getpid []\n", 2, "tag"),
+        ("defaults:\n  memory: !custom 16G\n", 2, "tag '!custom' is not allowed"),
+        ("groups: !!set {a: null}\n", 1, "tag"),
+        (ALIAS_BOMB, 1, "anchors and aliases"),
+        ("defaults: &d {memory: 1G}\nusers:\n  a: *d\n", 1, "anchors and aliases"),
+        ("a: &a [*a]\n", 1, "anchors and aliases"),  # a cycle
+        ("defaults:\n  <<: {memory: 1G}\n", 2, "not a value YAML can read"),
+        ("defaults:\n  max_runtime: 2024-13-45\n", 2, "not a value YAML can read"),
+        ("defaults:\n  max_gpus: " + "9" * 5000 + "\n", 2, "not a value YAML can read"),
+        ("defaults: {memory: 1G\n", 2, "not valid YAML"),
+        ("defaults:\n  memory: 1G\n\tmax_gpus: 1\n", 3, "not valid YAML"),
+        ("[" * 100_000, 1, "nested more than 16 levels"),
+    ],
+    ids=lambda v: v[:24] if isinstance(v, str) else str(v),
+)
+def test_hostile_yaml_is_a_policy_error_naming_file_and_line(tmp_path, text, line, says):
+    path = write(tmp_path, text)
+    started = time.perf_counter()
+    with pytest.raises(PolicyError, match=says) as e:
+        load_policy(path)
+    assert time.perf_counter() - started < 1.0
+    assert (e.value.source, e.value.line) == (str(path), line)
+
+
+def test_a_policy_file_over_the_size_cap_is_refused_unread(tmp_path):
+    path = write(tmp_path, "users:\n" + "  u: {max_gpus: 1}\n" * (MAX_POLICY_BYTES // 10))
+    with pytest.raises(PolicyError, match="larger than 256 KB") as e:
+        load_policy(path)
+    assert e.value.source == str(path)
+
+
+def test_a_policy_file_that_is_not_utf8_is_a_policy_error(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_bytes(b"defaults:\n  memory: \xff\n")
+    with pytest.raises(PolicyError, match="not UTF-8"):
+        load_policy(path)
+
+
+def test_a_very_long_duration_is_refused_without_backtracking():
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("1" * 20_000)
+    assert time.perf_counter() - started < 0.5
 
 
 def test_unknown_project_type_is_refused_when_types_are_known(tmp_path):

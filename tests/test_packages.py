@@ -1,9 +1,13 @@
 """Package specs typed on the image-update page: what is accepted, and that
 nothing hostile gets through."""
 
+import time
+
 import pytest
 
 from ds01_spawner.packages import (
+    MAX_REQUIREMENTS_LENGTH,
+    MAX_REQUIREMENTS_LINE_LENGTH,
     PackageError,
     apt_name,
     parse_requirements_text,
@@ -316,3 +320,68 @@ def test_requirements_refuse_unusual_line_separators():
 
 def test_empty_requirements_give_no_packages():
     assert parse_requirements_text("\n# nothing yet\n") == []
+
+
+# ---------------------------------------------------------------- hostile sizes
+
+# Each case once took seconds of the service's event loop (the old comment
+# regex backtracked quadratically: a 40 KB line of spaces took 14 s). The
+# target is a few milliseconds; the bound is loose for a loaded CI machine.
+BOUND_S = 0.5
+
+HOSTILE_REQUIREMENTS = {
+    "40 KB of spaces": " " * 40_000,
+    "40 KB of '# '": "# " * 20_000,
+    "40 KB of '= '": "= " * 20_000,
+    "40 KB of tabs and '='": "\t=" * 20_000,
+    "40 KB of 'a#'": "a#" * 20_000,
+    "40 KB of 'x #' after a package": "numpy" + " x #" * 10_000,
+    "4 KB line of spaces": " " * 4000 + "numpy",
+    "250 KB of comment lines": "# a comment\n" * 21_000,
+    "250 KB of blank lines": "\n" * 250_000,
+    "250 KB of package lines": "numpy>=1.24  # arrays\n" * 11_000,
+    "250 KB of space runs": (" " * 1000 + "\n") * 250,
+    "300 KB": "numpy\n" * 50_000,
+}
+
+
+@pytest.mark.parametrize("text", HOSTILE_REQUIREMENTS.values(), ids=HOSTILE_REQUIREMENTS.keys())
+def test_hostile_requirements_are_answered_quickly(text):
+    started = time.perf_counter()
+    try:
+        parse_requirements_text(text)
+    except PackageError as exc:
+        assert str(exc), "a refusal says why"
+    assert time.perf_counter() - started < BOUND_S
+
+
+def test_requirements_over_the_total_cap_are_refused_before_reading_a_line():
+    text = "numpy\n" * (MAX_REQUIREMENTS_LENGTH // 6 + 1)
+    with pytest.raises(PackageError, match=f"more than the {MAX_REQUIREMENTS_LENGTH}"):
+        parse_requirements_text(text)
+
+
+def test_a_line_over_the_length_cap_is_refused_with_its_number():
+    text = "numpy\n" + " " * (MAX_REQUIREMENTS_LINE_LENGTH + 1) + "\n"
+    too_long = f"^line 2 is .* more than {MAX_REQUIREMENTS_LINE_LENGTH}"
+    with pytest.raises(PackageError, match=too_long):
+        parse_requirements_text(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "packages"),
+    [
+        ("numpy # arrays", ["numpy"]),
+        ("numpy\t# arrays", ["numpy"]),
+        ("numpy>=1.24 # a # b", ["numpy>=1.24"]),
+        ("# numpy", []),
+        ("   # numpy", []),
+    ],
+)
+def test_a_comment_starts_at_a_hash_at_the_start_or_after_whitespace(text, packages):
+    assert parse_requirements_text(text) == packages
+
+
+def test_a_hash_inside_a_word_is_part_of_it_as_pip_reads_it():
+    with pytest.raises(PackageError, match="'numpy#egg'"):
+        parse_requirements_text("numpy#egg")

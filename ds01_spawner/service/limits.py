@@ -17,6 +17,7 @@ from tornado import web
 from ..gpus import GpuHolds
 from ..limits import Limits, PolicyError, format_duration
 from .base import BaseHandler
+from .manager import user_path
 from .retirer import Retirer, ServerView
 
 
@@ -64,7 +65,7 @@ class LimitsHandler(BaseHandler):
     async def user_groups(self, name: str) -> list[str]:
         if name == self.current_user["name"] and "groups" in self.current_user:
             return list(self.current_user["groups"])
-        model = await self.retirer.hub.call("GET", f"users/{name}")
+        model = await self.retirer.hub.call("GET", user_path(name))
         return list(model.get("groups") or [])
 
     @web.authenticated

@@ -1,0 +1,234 @@
+"""Hostile input at the image-update service's edges: hub API paths built from
+user names, JSON bodies, and package edits that must not stall the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+import docker
+import pytest
+from tornado import web
+
+from ds01_spawner.dockerfile import ManagedPackages, render_managed
+from ds01_spawner.images import ImageBuilder
+from ds01_spawner.projects import Project
+from ds01_spawner.service import manager as manager_module
+from ds01_spawner.service.base import (
+    MAX_BODY_BYTES,
+    MAX_JSON_CONTAINERS,
+    MAX_JSON_DEPTH,
+    json_shape_problem,
+    parse_json_object,
+)
+from ds01_spawner.service.manager import (
+    ImageManager,
+    ProjectError,
+    Settings,
+    server_path,
+    user_path,
+)
+
+# ---------------------------------------------------------------- hub API paths
+
+
+@pytest.mark.parametrize(
+    ("user", "path"),
+    [
+        ("alice", "users/alice"),
+        ("bob#x", "users/bob%23x"),
+        ("a/b", "users/a%2Fb"),
+        ("é", "users/%C3%A9"),
+        ("x?y", "users/x%3Fy"),
+        ("..", "users/.."),  # one segment still: the hub finds no such user
+        ("a b", "users/a%20b"),
+    ],
+)
+def test_a_user_name_is_one_quoted_path_segment(user, path):
+    assert user_path(user) == path
+
+
+def test_a_server_name_is_quoted_too():
+    assert server_path("bob#x", "my/server?") == "users/bob%23x/servers/my%2Fserver%3F"
+
+
+def test_the_default_server_has_its_own_path():
+    assert server_path("bob#x", "") == "users/bob%23x/server"
+
+
+# ---------------------------------------------------------------- JSON bodies
+
+
+def nested(depth: int) -> bytes:
+    return ('{"add_pip": ' + "[" * depth + "]" * depth + "}").encode()
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 1000, 100_000])
+def test_a_body_nested_too_deeply_is_a_400_not_a_recursion_error(depth):
+    started = time.perf_counter()
+    with pytest.raises(web.HTTPError) as e:
+        parse_json_object(nested(depth))
+    assert e.value.status_code == 400 and "nested too deeply" in e.value.log_message
+    assert time.perf_counter() - started < 0.5
+
+
+def test_unclosed_brackets_are_refused_without_parsing():
+    with pytest.raises(web.HTTPError, match="nested too deeply"):
+        parse_json_object(b"[" * MAX_BODY_BYTES)
+
+
+def test_a_body_within_the_depth_is_parsed():
+    body = {"add_pip": ["numpy"], "x": {"a": [[{"b": [1]}]]}}
+    assert parse_json_object(json.dumps(body).encode()) == body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a": "[[[[[[[[[[[[[[[["}',
+        b'{"a": "\\"[[[[[[[[[[[[[[[["}',  # an escaped quote does not end the string
+        b'{"a": "\\\\", "b": [1]}',  # nor does an escaped backslash start one
+    ],
+)
+def test_brackets_inside_strings_do_not_count(body):
+    assert json_shape_problem(body, max_depth=2) is None
+    assert parse_json_object(body) == json.loads(body)
+
+
+def test_brackets_after_an_escaped_backslash_count():
+    assert "nested too deeply" in json_shape_problem(b'{"a": "\\\\", "b": [[[1]]]}', max_depth=3)
+
+
+def test_a_body_of_thousands_of_small_lists_is_a_400():
+    """json.loads would allocate them all, a pause of the event loop."""
+    body = b'{"add_pip": [' + b"[]," * 80_000 + b"[]]}"
+    with pytest.raises(web.HTTPError, match=f"more than {MAX_JSON_CONTAINERS} arrays"):
+        parse_json_object(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [(b"[]", "JSON object"), (b"{", "must be JSON"), (b"\xff", "must be JSON")],
+)
+def test_other_bad_bodies_are_400s(body, says):
+    with pytest.raises(web.HTTPError, match=says):
+        parse_json_object(body)
+
+
+def test_unknown_fields_are_refused():
+    with pytest.raises(web.HTTPError, match="unknown field 'image'"):
+        parse_json_object(b'{"image": "evil"}', frozenset({"add_pip"}))
+
+
+WORST_BODIES = {
+    "empty lists": b"[]" * (MAX_BODY_BYTES // 2),
+    "closing brackets": b"]" * MAX_BODY_BYTES,
+    "escaped quotes": b'["' + b'\\"' * (MAX_BODY_BYTES // 2 - 2) + b'"]',
+    "quotes": b'"' * MAX_BODY_BYTES,
+    "short strings": b"[" + b'"a",' * (MAX_BODY_BYTES // 4 - 1) + b'"a"]',
+}
+
+
+@pytest.mark.parametrize("body", WORST_BODIES.values(), ids=WORST_BODIES.keys())
+def test_reading_a_256_kb_body_is_quick(body):
+    started = time.perf_counter()
+    with pytest.raises(web.HTTPError) as e:
+        parse_json_object(body)
+    assert e.value.status_code == 400
+    assert time.perf_counter() - started < 0.2
+
+
+# ---------------------------------------------------------------- package edits
+
+
+@pytest.fixture
+def manager(tmp_path, monkeypatch) -> ImageManager:
+    # ImageManager makes an APIClient, which asks the engine its version; edits never use it
+    monkeypatch.setattr(docker, "APIClient", lambda **kwargs: None)
+    settings = Settings(
+        workspace_root=str(tmp_path / "workspaces"),
+        workspace_template="{workspace_root}/{user}/{project}",
+        state_dir=str(tmp_path / "state"),
+    )
+    return ImageManager(settings, ImageBuilder(1, lambda: None), hub=None)
+
+
+@pytest.fixture
+def project(manager) -> Project:
+    project = Project("alice", "thesis", "base", 0.0)
+    workspace = manager._workspace(project)
+    workspace.mkdir(parents=True)
+    (workspace / "Dockerfile").write_text(render_managed("FROM scratch\n", ManagedPackages()))
+    if os.geteuid() == 0:  # the service refuses a workspace owned by root
+        os.chown(workspace, 1000, 1000)
+    return project
+
+
+async def max_loop_gap(work: Awaitable[Any]) -> tuple[float, Any]:
+    """The longest the event loop went without running a 1 ms ticker while
+    `work` ran, and what `work` returned (or raised)."""
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0.01)
+    try:
+        outcome: Any = await work
+    except ProjectError as e:
+        outcome = e
+    done.set()
+    await task
+    return max(gaps), outcome
+
+
+HUGE_BODIES = {
+    "1,500 pip names": {"add_pip": [f"pkg{i}" for i in range(1500)]},
+    "1,500 apt names to remove": {"remove_apt": [f"lib{i}" for i in range(1500)]},
+    "a 40 KB line of spaces": {"requirements": " " * 40_000 + "\n"},
+    "a 40 KB line of '= '": {"requirements": "= " * 20_000},
+    "250 KB of package lines": {"requirements": "numpy>=1.24  # arrays\n" * 11_000},
+    "250 KB of blank lines": {"requirements": "\n" * 250_000},
+    "250 KB of comment lines": {"requirements": "# a comment line\n" * 15_000},
+}
+
+
+@pytest.mark.parametrize("body", HUGE_BODIES.values(), ids=HUGE_BODIES.keys())
+async def test_a_huge_body_leaves_the_event_loop_responsive(manager, project, body):
+    gap, outcome = await max_loop_gap(manager.update_packages(project, **body))
+    assert gap < 0.2, f"the event loop stalled {gap * 1000:.0f} ms"
+    if isinstance(outcome, ProjectError):
+        assert outcome.status == 400 and outcome.message
+
+
+async def test_package_edits_run_off_the_event_loop(manager, project, monkeypatch):
+    """However long validation takes, it takes it on a thread."""
+
+    def slow_requirements(text: str, **kwargs: Any) -> list[str]:
+        deadline = time.perf_counter() + 0.5
+        while time.perf_counter() < deadline:  # CPU work, holding the GIL in turns
+            pass
+        return ["numpy"]
+
+    monkeypatch.setattr(manager_module, "parse_requirements_text", slow_requirements)
+    gap, packages = await max_loop_gap(manager.update_packages(project, requirements="numpy"))
+    assert packages.pip == ("numpy",)
+    assert gap < 0.2, f"the event loop stalled {gap * 1000:.0f} ms"
+
+
+async def test_concurrent_edits_of_one_project_all_land(manager, project):
+    names = [f"pkg{i}" for i in range(8)]
+    await asyncio.gather(*(manager.update_packages(project, add_pip=[n]) for n in names))
+    final = await manager.update_packages(project)
+    assert sorted(final.pip) == sorted(names)
