@@ -26,8 +26,6 @@ async def test_installed_package_is_recorded_at_retire_and_announced_at_start(hu
     records = InstalledRecords(dirs["state_dir"])
     await h.start(user, "work")
     c = h.container(user, "work")
-    await wait_for(lambda: records.image_packages(c.image.id) is not None)
-    assert "jupyterhub" in records.image_packages(c.image.id), "the image's own list"
 
     name, data = make_wheel("ds01probe", "1.0")
     (Path(dirs["workspace_root"]) / user_slug(user) / "work" / name).write_bytes(data)
@@ -47,6 +45,51 @@ async def test_installed_package_is_recorded_at_retire_and_announced_at_start(hu
     code, terminal = exec_in(c2, "bash -ic true")  # what a JupyterLab terminal prints first
     assert "last session you pip-installed" in terminal and "ds01probe==1.0" in terminal
     assert exec_in(c2, "python -c 'import ds01probe'")[0] != 0, "gone, as DS01 says"
+
+
+def hub_rss() -> int:
+    """The hub's resident memory in bytes: MockHub runs in this test process."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+# Earlier on PATH than the real pip (/opt/ds01/venv/bin): a `pip` that prints without
+# end and a `timeout` that does not time out. Nothing in the hub may run either.
+ENDLESS_PIP = r"""ARG BASE_IMAGE
+FROM ${BASE_IMAGE}
+RUN mkdir -p /usr/local/evil \
+ && printf '#!/bin/sh\nwhile :; do echo aaaaaaaa==1.0; done\n' > /usr/local/evil/pip \
+ && printf '#!/bin/sh\nshift 3\nexec "$@"\n' > /usr/local/evil/timeout \
+ && chmod 755 /usr/local/evil/pip /usr/local/evil/timeout
+ENV PATH=/usr/local/evil:$PATH
+"""
+
+
+async def test_an_image_whose_pip_prints_without_end_costs_the_hub_nothing(hub, dirs):
+    h = await hub(save_packages_timeout=10.0)
+    user = h.new_user()
+    workspace, _ = h.seed_workspace(user, "noisy", ENDLESS_PIP)
+    await h.start(user, "noisy")
+    c = h.container(user, "noisy")
+    assert exec_in(c, "command -v pip") == (0, "/usr/local/evil/pip")
+    name, data = make_wheel("ds01probe", "1.0")
+    (workspace / name).write_bytes(data)
+    code, out = exec_in(c, f"python -m pip install --no-index -q /workspace/{name}")
+    assert code == 0, out
+
+    rss = hub_rss()
+    t0 = time.monotonic()
+    await h.stop(user, "noisy")
+    took = time.monotonic() - t0
+    await asyncio.sleep(1)  # a reader left behind would still be growing
+    grew = hub_rss() - rss
+    assert h.containers(user) == []
+    assert took < 10.0, f"stop took {took:.1f}s"
+    assert grew < 20 * 1024 * 1024, f"the hub grew by {grew / 2**20:.0f} MiB"
+    record = InstalledRecords(dirs["state_dir"]).last_session(user_slug(user), "noisy")
+    assert record["packages"] == ["ds01probe==1.0"], "the real install, not the fake pip's"
 
 
 async def test_a_container_that_hangs_is_retired_within_the_bound(hub, dirs):
