@@ -165,6 +165,7 @@ async def rebuild_times(timeout: int = 300) -> dict:
             buildargs={"PIP_INDEX_URL": url, "BASE_IMAGE": BASE_IMAGE},
             network_mode="host",
             nocache=nocache,
+            allowed_images=(BASE_IMAGE,),
         )
         return await TimedBuild(builder.build(spec)).wait()
 

@@ -14,7 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
+import hmac
 import json
+import math
+import os
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -80,19 +85,86 @@ class Hold:
     until: float
 
 
-def holders_from_containers(containers: Iterable[dict]) -> list[Holder]:
-    """The ledger as the engine records it: labels of live ds01 containers."""
+class LedgerSeal:
+    """Proof that the spawner wrote a container's ledger labels.
+
+    A container's labels merge its image's: a user's Dockerfile (or any image)
+    could claim GPUs it never got. The spawner seals what it writes with an HMAC
+    over the container's name and its ledger labels, keyed by a secret in the
+    hub-side state directory that no container sees; the ledger (in the hub and
+    in the service, which share the state directory) counts only sealed ones.
+    """
+
+    FIELDS = (
+        labels.USER,
+        labels.PROJECT,
+        labels.SERVER_NAME,
+        labels.GPU_UUIDS,
+        labels.GPU_EQUIVALENTS,
+        labels.GPU_ALLOCATED_AT,
+    )
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(state_dir) / "ledger.key"
+
+    def _key(self) -> bytes:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            pass
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            return self.path.read_bytes()
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        return self.path.read_bytes()
+
+    def _message(self, name: str, lab: dict[str, str]) -> bytes:
+        parts = [name.lstrip("/"), *(lab.get(k, "") for k in self.FIELDS)]
+        return "\n".join(parts).encode("utf-8", "replace")
+
+    def seal(self, name: str, lab: dict[str, str]) -> str:
+        return hmac.new(self._key(), self._message(name, lab), hashlib.sha256).hexdigest()
+
+    def valid(self, name: str, lab: dict[str, str]) -> bool:
+        given = lab.get(labels.GPU_SEAL, "")
+        return bool(given) and hmac.compare_digest(given, self.seal(name, lab))
+
+
+def holders_from_containers(
+    containers: Iterable[dict],
+    *,
+    seal: LedgerSeal | None = None,
+    inventory: Iterable[str] | None = None,
+) -> list[Holder]:
+    """The ledger as the engine records it: labels of live ds01 project containers.
+
+    Only what the spawner wrote counts: the container must be a managed project
+    container, sealed by `seal` (when given), holding UUIDs of the `inventory`
+    (when given) at a finite, positive cost of at most one per GPU.
+    """
+    known = set(inventory) if inventory is not None else None
     found = []
     for c in containers:
         lab = c.get("Labels") or {}
         uuids = [u for u in lab.get(labels.GPU_UUIDS, "").split(",") if u]
         if not uuids or c.get("State", "running") not in LIVE_STATES:
             continue
+        if lab.get(labels.MANAGED) != "true" or lab.get(labels.ROLE) != "project":
+            continue
+        names = c.get("Names") or [""]
+        if seal is not None and not seal.valid(names[0], lab):
+            continue
+        if known is not None and not set(uuids) <= known:
+            continue
         try:
             total = float(lab.get(labels.GPU_EQUIVALENTS, len(uuids)))
         except ValueError:
             total = float(len(uuids))
-        names = c.get("Names") or [""]
+        if not math.isfinite(total) or total <= 0 or total > len(uuids):
+            total = float(len(uuids))  # never cheaper than what the labels name
         for uuid in uuids:
             found.append(
                 Holder(
@@ -237,6 +309,7 @@ class GpuAllocator:
 
     inventory: GpuInventory
     list_containers: Callable[[], Awaitable[list[dict]]]
+    seal: LedgerSeal | None = None
     _pending: dict[tuple[str, str], list[Holder]] = field(default_factory=dict)
     _lock: asyncio.Lock | None = None
     _loop: asyncio.AbstractEventLoop | None = None
@@ -250,9 +323,11 @@ class GpuAllocator:
     async def ledger(self) -> list[Holder]:
         pending = [h for entries in self._pending.values() for h in entries]
         claimed = set(self._pending)
+        # a sealed container naming a GPU that left the inventory still holds it
+        # (the admin page lists it as such); unsealed labels never count
         engine = [
             h
-            for h in holders_from_containers(await self.list_containers())
+            for h in holders_from_containers(await self.list_containers(), seal=self.seal)
             if (h.user, h.server) not in claimed
         ]
         return engine + pending
@@ -342,15 +417,17 @@ class GpuHolds:
                 self._write(kept)
 
 
-_allocators: dict[int, GpuAllocator] = {}
+_allocators: dict[tuple[int, str], GpuAllocator] = {}
 
 
-def gpu_allocator(simulated_gpus: int = 0) -> GpuAllocator:
+def gpu_allocator(simulated_gpus: int = 0, state_dir: str = "/srv/ds01/state") -> GpuAllocator:
     """This process's allocator over NVML (or N simulated GPUs) and the engine's ledger.
 
-    One per process, so every spawn shares its lock and its pending list.
+    One per process (and state directory, whose key seals the ledger), so every
+    spawn shares its lock and its pending list.
     """
-    if simulated_gpus not in _allocators:
+    key = (simulated_gpus, str(state_dir))
+    if key not in _allocators:
         inventory: GpuInventory = (
             SimulatedInventory(simulated_gpus) if simulated_gpus else NvmlInventory()
         )
@@ -359,19 +436,20 @@ def gpu_allocator(simulated_gpus: int = 0) -> GpuAllocator:
         async def list_containers() -> list[dict]:
             # own client on the default thread pool: never queued behind DockerSpawner's executor
             return await asyncio.to_thread(
-                client.containers, all=True, filters={"label": [labels.GPU_UUIDS]}
+                client.containers, all=True, filters=labels.managed_filter()
             )
 
-        _allocators[simulated_gpus] = GpuAllocator(inventory, list_containers)
-    return _allocators[simulated_gpus]
+        _allocators[key] = GpuAllocator(inventory, list_containers, LedgerSeal(state_dir))
+    return _allocators[key]
 
 
 def gpu_labels(slots: list[GpuSlot], since: str) -> dict[str, str]:
+    """The ledger labels of a container holding `slots` (empty values for none)."""
     return {
         labels.GPU_UUIDS: ",".join(s.uuid for s in slots),
         labels.GPU_INDICES: ",".join(s.index for s in slots),
         labels.GPU_EQUIVALENTS: f"{sum(s.fraction for s in slots):g}",
-        labels.GPU_ALLOCATED_AT: since,
+        labels.GPU_ALLOCATED_AT: since if slots else "",
     }
 
 

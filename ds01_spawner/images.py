@@ -16,9 +16,12 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import re
+import socket
 import tarfile
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,10 +31,14 @@ import docker
 import docker.errors
 
 from . import labels
+from .buildrules import BuildRuleError, check_dockerfile, render_for_build
+from .events import EventLog
 from .statefiles import write_json
 
 _STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
 MAX_LOG_LINES = 5000
+# builds' own network: not the bridge every user container shares (see build_network)
+BUILD_NETWORK = "ds01-build"
 
 
 def image_repository(user_slug: str, project: str) -> str:
@@ -78,7 +85,7 @@ class BuildEvent:
 
 @dataclass(frozen=True)
 class BuildSpec:
-    """What to build: the image reference, its Dockerfile, labels and build args."""
+    """What to build: the image reference, its Dockerfile, labels, build args and limits."""
 
     image: str
     dockerfile: str
@@ -87,6 +94,58 @@ class BuildSpec:
     network_mode: str | None = None
     nocache: bool = False
     cpu_shares: int | None = None  # the build's RUN containers' CPU weight (Docker: 1024)
+    owner: str = ""  # the hub user the build is for: one running build per user
+    memory: int | None = None  # bytes per RUN container, no swap on top
+    pids_limit: int | None = None  # processes of all the owner's RUN containers together
+    time_limit: float | None = None  # seconds the whole build may take
+    # FROM / COPY --from may name only these (patterns) and the owner's own images
+    allowed_images: tuple[str, ...] = ()
+    own_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """The admin's build settings (DS01Spawner's traits), shared by the hub and the service."""
+
+    base_image: str = "ds01/singleuser:latest"
+    build_args: dict[str, str] = field(default_factory=dict)
+    network_mode: str | None = BUILD_NETWORK
+    cpu_shares: int | None = 256
+    memory: int | None = None
+    pids_limit: int | None = None
+    time_limit: float | None = None
+    allowed_images: tuple[str, ...] = ("ds01/*",)
+
+
+def project_build_spec(
+    settings: BuildSettings,
+    *,
+    owner: str,
+    slug: str,
+    project: str,
+    project_type: str,
+    dockerfile: str,
+    nocache: bool = False,
+) -> BuildSpec:
+    """The build of a project's image: the one spec the spawner and the image page use."""
+    return BuildSpec(
+        image=image_ref(slug, project),
+        dockerfile=dockerfile,
+        labels={
+            **labels.project_labels(owner, project, project_type),
+            labels.DOCKERFILE_SHA256: dockerfile_digest(dockerfile),
+        },
+        buildargs={**settings.build_args, "BASE_IMAGE": settings.base_image},
+        network_mode=settings.network_mode,
+        nocache=nocache,
+        cpu_shares=settings.cpu_shares or None,
+        owner=owner,
+        memory=settings.memory,
+        pids_limit=settings.pids_limit,
+        time_limit=settings.time_limit,
+        allowed_images=(settings.base_image, *settings.allowed_images),
+        own_prefix=f"ds01-{slug}/",
+    )
 
 
 class BuildError(RuntimeError):
@@ -163,45 +222,32 @@ class Build:
 
     def __init__(self, spec: BuildSpec, loop: asyncio.AbstractEventLoop) -> None:
         self.spec = spec
-        self.events: list[BuildEvent] = []
+        self.events: EventLog[BuildEvent] = EventLog(MAX_LOG_LINES)
         self.image_id: str | None = None
         self.error: BuildError | None = None
         self.done = asyncio.Event()
+        self.started = asyncio.Event()  # it has a build slot
         self._loop = loop
-        self._changed = asyncio.Event()
         self.error_pending: BuildError | None = None
 
     # -- called from the build thread
     def publish(self, event: BuildEvent) -> None:
-        self._loop.call_soon_threadsafe(self._append, event)
+        self._loop.call_soon_threadsafe(self.events.append, event)
 
     def finish(self, image_id: str | None, error: BuildError | None) -> None:
         self.error_pending = error  # readable from the build thread at once
         self._loop.call_soon_threadsafe(self._finish, image_id, error)
 
     # -- on the event loop
-    def _append(self, event: BuildEvent) -> None:
-        self.events.append(event)
-        if len(self.events) > MAX_LOG_LINES:
-            del self.events[: len(self.events) - MAX_LOG_LINES]
-        self._changed.set()
-        self._changed = asyncio.Event()
-
     def _finish(self, image_id: str | None, error: BuildError | None) -> None:
         self.image_id, self.error = image_id, error
         self.done.set()
-        self._changed.set()
+        self.events.close()
 
-    async def follow(self) -> AsyncIterator[BuildEvent]:
-        """Every event from the start, then new ones as they come, until the build ends."""
-        seen = 0
-        while True:
-            while seen < len(self.events):
-                yield self.events[seen]
-                seen += 1
-            if self.done.is_set():
-                return
-            await self._changed.wait()
+    async def follow(self, after: int = -1) -> AsyncIterator[BuildEvent]:
+        """Every kept event from the start (or after sequence `after`), then new ones."""
+        async for _, event in self.events.follow(after):
+            yield event
 
     async def wait(self) -> str:
         """The new image's id; raises BuildError if the build failed."""
@@ -277,10 +323,14 @@ def default_client(timeout: int) -> docker.APIClient:
 
 
 class ImageBuilder:
-    """Runs builds on a private thread pool: at most `max_concurrent` at once, one per image.
+    """Runs builds on a private thread pool: at most `max_concurrent` at once, one per image,
+    and at most `max_per_user` of one user's builds at a time.
 
     Asking for an image that is already building returns the running build,
     so a second spawn (or page) follows the same log instead of racing it.
+    Builds wait in arrival order; a waiting build whose owner already has
+    `max_per_user` running lets later builds of other users go first, so one
+    user's builds never hold every slot.
     """
 
     def __init__(
@@ -288,12 +338,16 @@ class ImageBuilder:
         max_concurrent: int,
         client_factory: ClientFactory,
         records: BuildRecords | None = None,
+        max_per_user: int = 1,
     ) -> None:
         self.max_concurrent = max_concurrent
+        self.max_per_user = max_per_user
         self._executor = ThreadPoolExecutor(max_concurrent, thread_name_prefix="ds01-build")
         self._client_factory = client_factory
         self._running: dict[str, Build] = {}
+        self._waiting: list[Build] = []
         self.records = records
+        self._networks_ready: set[str] = set()
 
     def running(self) -> list[Build]:
         return list(self._running.values())
@@ -302,20 +356,51 @@ class ImageBuilder:
         existing = self._running.get(spec.image)
         if existing is not None and not existing.done.is_set():
             return existing
-        busy = sum(not b.done.is_set() for b in self._running.values())
         build = Build(spec, asyncio.get_running_loop())
         self._running[spec.image] = build
-        if busy >= self.max_concurrent:
-            build._append(
-                BuildEvent("waiting", f"Waiting for a build slot ({busy} builds ahead)", 0)
-            )
-        future = asyncio.wrap_future(self._executor.submit(self._run, build))
-        future.add_done_callback(lambda _: self._forget(build))
+        self._waiting.append(build)
+        self._dispatch()
+        if not build.started.is_set():
+            build.events.append(BuildEvent("waiting", self._why_waiting(build), 0))
         return build
+
+    def _busy(self) -> list[Build]:
+        return [b for b in self._running.values() if b.started.is_set() and not b.done.is_set()]
+
+    def _may_start(self, build: Build, busy: list[Build]) -> bool:
+        owner = build.spec.owner
+        mine = sum(1 for b in busy if owner and b.spec.owner == owner)
+        return len(busy) < self.max_concurrent and mine < self.max_per_user
+
+    def _why_waiting(self, build: Build) -> str:
+        busy = self._busy()
+        owner = build.spec.owner
+        mine = [b.spec.image for b in busy if owner and b.spec.owner == owner]
+        if len(mine) >= self.max_per_user:
+            return (
+                f"Waiting for your build of {', '.join(mine)} to finish "
+                f"(one build per user at a time)"
+            )
+        ahead = self._waiting.index(build) if build in self._waiting else 0
+        return f"Waiting for a build slot ({len(busy)} running, {ahead} waiting ahead)"
+
+    def _dispatch(self) -> None:
+        """Start waiting builds, first come first served, as slots and owners allow."""
+        for build in list(self._waiting):
+            busy = self._busy()
+            if len(busy) >= self.max_concurrent:
+                return
+            if not self._may_start(build, busy):
+                continue
+            self._waiting.remove(build)
+            build.started.set()
+            future = asyncio.wrap_future(self._executor.submit(self._run, build))
+            future.add_done_callback(lambda _, b=build: self._forget(b))
 
     def _forget(self, build: Build) -> None:
         if self._running.get(build.spec.image) is build:
             del self._running[build.spec.image]
+        self._dispatch()
 
     def _run(self, build: Build) -> None:
         if self.records is None:
@@ -357,35 +442,74 @@ class ImageBuilder:
 
     def _build(self, build: Build) -> str:
         spec = build.spec
+        try:
+            found = check_dockerfile(
+                spec.dockerfile,
+                buildargs=spec.buildargs,
+                allowed_images=spec.allowed_images,
+                own_prefix=spec.own_prefix,
+            )
+        except BuildRuleError as e:
+            raise BuildError(f"the Dockerfile was not built: {e}", []) from None
         client = self._client_factory()
+        watchdog = _TimeLimit(spec.time_limit)
         try:
             try:
                 previous = client.inspect_image(spec.image)["Id"]
             except docker.errors.ImageNotFound:
                 previous = None
+            self._ensure_network(client, spec.network_mode)
             build.publish(BuildEvent("building", f"Building {spec.image}", 0))
             repo = spec.image.rpartition(":")[0]
             reader = BuildStreamReader()
-            stream = client.build(
-                fileobj=context_tar(spec.dockerfile),
-                custom_context=True,
-                tag=spec.image,
+            limits: dict[str, int] = {}
+            if spec.cpu_shares:
+                limits["cpushares"] = spec.cpu_shares
+            if spec.memory:
+                limits["memory"] = limits["memswap"] = spec.memory  # no swap on top
+            params: dict[str, object] = {
+                "t": spec.image,
                 # no per-build label (a timestamp): each label is a build step, and
                 # one that changes every time would rerun them all; Docker records
                 # the creation time anyway
-                labels=spec.labels,
-                buildargs=spec.buildargs,
-                network_mode=spec.network_mode,
-                nocache=spec.nocache,
-                container_limits={"cpushares": spec.cpu_shares} if spec.cpu_shares else None,
-                pull=False,
-                rm=True,
-                forcerm=True,
-                decode=True,
+                "labels": json.dumps(spec.labels),
+                "buildargs": json.dumps(spec.buildargs),
+                "nocache": spec.nocache,
+                "pull": False,
+                "rm": True,
+                "forcerm": True,
+                **limits,
+            }
+            if spec.network_mode:
+                params["networkmode"] = spec.network_mode
+            parent = build_cgroup(spec.owner, spec.pids_limit, client)
+            if parent:
+                params["cgroupparent"] = parent
+            # the engine's build endpoint itself: docker-py's build() cannot set a
+            # cgroup parent, and the watchdog needs the response to end a build
+            response = client._post(
+                client._url("/build"),
+                data=context_tar(render_for_build(spec.dockerfile, found)),
+                params=params,
+                headers={"Content-Type": "application/tar"},
+                stream=True,
+                timeout=client.timeout,
             )
-            for chunk in stream:
-                for event in reader.feed(chunk):
-                    build.publish(event)
+            client._raise_for_status(response)
+            watchdog.start(response)
+            try:
+                for chunk in client._stream_helper(response, decode=True):
+                    for event in reader.feed(chunk):
+                        build.publish(event)
+            except Exception:
+                if not watchdog.fired:
+                    raise
+            if watchdog.fired:
+                raise BuildError(
+                    f"image build stopped: it ran longer than the lab's limit of "
+                    f"{spec.time_limit:g} s (build_time_limit); nothing was tagged",
+                    reader.tail,
+                )
             reader.raise_for_error(spec.buildargs)
             image_id = reader.image_id
             if image_id is None:
@@ -395,4 +519,87 @@ class ImageBuilder:
                 client.tag(previous, repo, "previous")
             return image_id
         finally:
+            watchdog.cancel()
             client.close()
+
+    def _ensure_network(self, client: docker.APIClient, name: str | None) -> None:
+        """The builds' own network, made on first use: a bridge with no traffic between
+        its containers, apart from the bridge every user container shares."""
+        if name != BUILD_NETWORK or name in self._networks_ready:
+            return
+        if not client.networks(names=[name]):
+            with contextlib.suppress(docker.errors.APIError):  # made meanwhile
+                client.create_network(
+                    name,
+                    driver="bridge",
+                    options={"com.docker.network.bridge.enable_icc": "false"},
+                    labels={labels.MANAGED: "true", labels.ROLE: "build-network"},
+                )
+        self._networks_ready.add(name)
+
+
+class _TimeLimit:
+    """Ends a build at its time limit: the engine cancels a build whose client goes away.
+
+    A build that prints nothing for hours would never reach a per-line check,
+    so a timer thread shuts the build's socket.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.fired = False
+        self._response = None
+        self._timer: threading.Timer | None = None
+
+    def start(self, response) -> None:
+        self._response = response
+        if self.seconds:
+            self._timer = threading.Timer(self.seconds, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        with contextlib.suppress(Exception):
+            self._response.raw.connection.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):
+            self._response.close()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+_cgroup_warned = False
+
+
+def build_cgroup(owner: str, pids_limit: int | None, client: docker.APIClient) -> str | None:
+    """The cgroup parent of `owner`'s build containers, with `pids_limit` for them together.
+
+    The classic builder has no pids limit of its own. Under the cgroupfs driver a
+    build's RUN containers are made inside the parent, so a limit set on the
+    parent holds for all of them. Elsewhere (systemd driver, no write access to
+    the cgroup tree) builds run without it and the hub says so once.
+    """
+    global _cgroup_warned
+    if not pids_limit or not owner:
+        return None
+    slug = re.sub(r"[^a-z0-9-]", "-", owner.lower())[:40] + "-" + dockerfile_digest(owner)[:8]
+    parent = f"/ds01-builds/{slug}"
+    try:
+        info = client.info()
+        if info.get("CgroupDriver") != "cgroupfs":
+            raise OSError(f"the engine's cgroup driver is {info.get('CgroupDriver')}")
+        version = info.get("CgroupVersion", "1")
+        base = Path("/sys/fs/cgroup") / ("pids" if version == "1" else "")
+        path = base / parent.lstrip("/")
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "pids.max").write_text(str(pids_limit))
+    except (OSError, docker.errors.DockerException) as e:
+        if not _cgroup_warned:
+            _cgroup_warned = True
+            logging.getLogger("ds01").warning(
+                "Builds run without a process limit (build_pids_limit): %s", e
+            )
+        return None
+    return parent

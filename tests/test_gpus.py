@@ -16,6 +16,7 @@ from ds01_spawner.gpus import (
     GpuRequest,
     Hold,
     Holder,
+    LedgerSeal,
     choose,
     gpu_labels,
     gpu_report,
@@ -394,6 +395,9 @@ def test_a_mig_slice_counts_its_size_not_one():
 # ------------------------------------------------------------ the ledger from containers
 
 
+MANAGED_PROJECT = {labels.MANAGED: "true", labels.ROLE: "project"}
+
+
 def container(
     gpu_uuids: str,
     *,
@@ -406,6 +410,7 @@ def container(
 ) -> dict:
     lab = {
         labels.MANAGED: "true",
+        labels.ROLE: "project",
         labels.USER: user,
         labels.PROJECT: project,
         labels.SERVER_NAME: server,
@@ -468,15 +473,66 @@ def test_a_missing_equivalents_label_counts_one_per_gpu():
 
 
 def test_missing_names_and_labels_are_tolerated():
-    bare = {"Labels": {labels.GPU_UUIDS: "GPU-7"}}
+    bare = {"Labels": {**MANAGED_PROJECT, labels.GPU_UUIDS: "GPU-7"}}
     [h] = holders_from_containers([bare])
     assert (h.uuid, h.user, h.project, h.server, h.container) == ("GPU-7", "?", "?", "", "")
+
+
+def test_gpu_labels_on_a_container_that_is_no_ds01_project_count_for_nothing():
+    """A build's RUN container, or anything else, carrying a Dockerfile's LABELs."""
+    for lab in (
+        {labels.GPU_UUIDS: "GPU-7"},
+        {labels.MANAGED: "true", labels.ROLE: "base", labels.GPU_UUIDS: "GPU-7"},
+        {labels.ROLE: "project", labels.GPU_UUIDS: "GPU-7"},
+    ):
+        assert holders_from_containers([{"Labels": lab, "State": "running"}]) == []
+
+
+@pytest.mark.parametrize("bad", ["nan", "-1", "0", "inf", "-inf", "1e308", "3"])
+def test_equivalents_never_make_a_gpu_cheaper_than_the_labels_name(bad):
+    found = holders_from_containers([container("GPU-0,GPU-1", equivalents=bad)])
+    assert [h.fraction for h in found] == [1.0, 1.0]
+
+
+def test_only_uuids_of_the_inventory_count_when_it_is_given():
+    found = holders_from_containers(
+        [container("GPU-0"), container("GPU-9,GPU-0", user="eve", name="/e")],
+        inventory={"GPU-0", "GPU-1"},
+    )
+    assert [(h.user, h.uuid) for h in found] == [("ada", "GPU-0")]
+
+
+def test_only_containers_the_spawner_sealed_count(tmp_path):
+    seal = LedgerSeal(tmp_path)
+    good = container("GPU-0", equivalents="1")
+    good["Labels"][labels.GPU_SEAL] = seal.seal(good["Names"][0], good["Labels"])
+    forged = container("GPU-1", user="eve", name="/ds01-eve--x", equivalents="1")
+    forged["Labels"][labels.GPU_SEAL] = "0" * 64
+    unsealed = container("GPU-2", user="eve", name="/ds01-eve--y")
+    # a sealed label set copied onto another container (an image's labels) is not valid there
+    copied = {**good, "Names": ["/hopeful_turing"]}
+    tampered = container("GPU-0,GPU-1", equivalents="1")
+    tampered["Labels"][labels.GPU_SEAL] = good["Labels"][labels.GPU_SEAL]
+    found = holders_from_containers([good, forged, unsealed, copied, tampered], seal=seal)
+    assert [(h.user, h.uuid) for h in found] == [("ada", "GPU-0")]
+    assert (tmp_path / "ledger.key").stat().st_mode & 0o777 == 0o600
+    assert LedgerSeal(tmp_path).valid(good["Names"][0], good["Labels"]), "the key persists"
+
+
+def test_cpu_only_containers_get_every_ledger_label_empty():
+    assert gpu_labels([], "t") == {
+        labels.GPU_UUIDS: "",
+        labels.GPU_INDICES: "",
+        labels.GPU_EQUIVALENTS: "0",
+        labels.GPU_ALLOCATED_AT: "",
+    }
 
 
 def test_gpu_labels_round_trip_through_the_ledger():
     slots = [mig(1, 0), mig(1, 1, slices=2)]
     since = "2024-05-01T10:00:00Z"
     lab = {
+        **MANAGED_PROJECT,
         labels.USER: "ada",
         labels.PROJECT: "thesis",
         labels.SERVER_NAME: "thesis",
@@ -494,7 +550,12 @@ def test_gpu_labels_round_trip_through_the_ledger():
 def test_a_choice_recorded_in_labels_blocks_the_next_choice():
     slots = [gpu(0), gpu(1)]
     first = choose(slots, [], ask(user="ada"), EXCLUSIVE)
-    lab = {labels.USER: "ada", labels.SERVER_NAME: "paper", **gpu_labels(first, "t")}
+    lab = {
+        **MANAGED_PROJECT,
+        labels.USER: "ada",
+        labels.SERVER_NAME: "paper",
+        **gpu_labels(first, "t"),
+    }
     ledger = holders_from_containers([{"Labels": lab, "State": "running"}])
     second = choose(slots, ledger, ask(user="bob"), EXCLUSIVE)
     assert uuids(second) != uuids(first)
@@ -550,6 +611,7 @@ class Engine:
 
     def run(self, request: GpuRequest, slots: list[GpuSlot], since: str) -> None:
         lab = {
+            **MANAGED_PROJECT,
             labels.USER: request.user,
             labels.PROJECT: request.project,
             labels.SERVER_NAME: request.server,

@@ -150,3 +150,177 @@ def test_build_records_keep_the_outcome(tmp_path):
         "status": "interrupted",  # nobody holds its lock in this test
         "started": "t1",
     }
+
+
+class FakeEngine:
+    """A docker.APIClient stand-in whose builds run until the test lets them finish."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.gates: dict[str, threading.Event] = {}
+        self.started: list[str] = []
+        self.kwargs: dict[str, dict] = {}
+        self.lock = threading.Lock()
+
+    def client(self):
+        engine = self
+
+        class Client:
+            hooks = {"response": []}
+
+            def inspect_image(self, ref):
+                import docker.errors
+
+                raise docker.errors.ImageNotFound(ref)
+
+            def networks(self, names):
+                return [{"Name": n} for n in names]
+
+            timeout = 60
+
+            def _url(self, path):
+                return path
+
+            def _raise_for_status(self, response):
+                pass
+
+            def _post(self, url, data, params, **kwargs):
+                import threading
+
+                tag = params["t"]
+                with engine.lock:
+                    engine.started.append(tag)
+                    engine.kwargs[tag] = {"fileobj": data, **params}
+                    engine.gates.setdefault(tag, threading.Event())
+                return tag
+
+            def _stream_helper(self, tag, decode):
+                engine.gates[tag].wait(10)
+                yield {"stream": "Step 1/1 : FROM ds01/singleuser\n"}
+                yield {"aux": {"ID": f"sha256:{tag}"}}
+
+            def close(self):
+                pass
+
+        return Client()
+
+    def release(self, tag: str) -> None:
+        import threading
+
+        with self.lock:
+            self.gates.setdefault(tag, threading.Event()).set()
+
+
+def spec(owner: str, project: str, dockerfile: str = "FROM ds01/singleuser\n") -> BuildSpec:
+    return BuildSpec(
+        f"ds01-{owner}/{project}:latest",
+        dockerfile,
+        {},
+        owner=owner,
+        allowed_images=("ds01/*",),
+        own_prefix=f"ds01-{owner}/",
+    )
+
+
+async def until(predicate, timeout: float = 5) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+async def test_one_user_cannot_hold_every_build_slot():
+    """alice asks for two builds, then bob for one: bob's runs beside alice's first."""
+    from ds01_spawner.images import ImageBuilder
+
+    engine = FakeEngine()
+    builder = ImageBuilder(2, engine.client, max_per_user=1)
+    first = builder.build(spec("alice", "a"))
+    second = builder.build(spec("alice", "b"))
+    bobs = builder.build(spec("bob", "c"))
+    await until(lambda: len(engine.started) == 2)
+    assert engine.started == ["ds01-alice/a:latest", "ds01-bob/c:latest"]
+    assert second.events[0].phase == "waiting"
+    assert "your build of ds01-alice/a:latest" in second.events[0].message
+    engine.release("ds01-alice/a:latest")
+    assert await first.wait() == "sha256:ds01-alice/a:latest"
+    await until(lambda: len(engine.started) == 3)
+    assert engine.started[2] == "ds01-alice/b:latest", "alice's next build starts after hers"
+    for tag in ("ds01-alice/b:latest", "ds01-bob/c:latest"):
+        engine.release(tag)
+    await second.wait()
+    await bobs.wait()
+
+
+async def test_builds_wait_in_arrival_order_for_a_slot():
+    from ds01_spawner.images import ImageBuilder
+
+    engine = FakeEngine()
+    builder = ImageBuilder(1, engine.client, max_per_user=1)
+    builds = [builder.build(spec(user, "p")) for user in ("u1", "u2", "u3")]
+    assert "Waiting for a build slot (1 running, 0 waiting ahead)" in builds[1].events[0].message
+    assert "1 waiting ahead" in builds[2].events[0].message
+    for user in ("u1", "u2", "u3"):
+        await until(lambda u=user: engine.started[-1:] == [f"ds01-{u}/p:latest"])
+        engine.release(f"ds01-{user}/p:latest")
+    for b in builds:
+        await b.wait()
+    assert engine.started == [f"ds01-{u}/p:latest" for u in ("u1", "u2", "u3")]
+
+
+async def test_a_dockerfile_breaking_a_rule_is_never_sent_to_the_engine():
+    from ds01_spawner.images import ImageBuilder
+
+    engine = FakeEngine()
+    builder = ImageBuilder(1, engine.client)
+    build = builder.build(spec("eve", "p", "FROM ds01/singleuser\nLABEL ds01.gpu.uuids=GPU-0\n"))
+    with pytest.raises(BuildError, match=r"line 2: LABEL ds01\.gpu\.uuids is not allowed"):
+        await build.wait()
+    assert engine.started == []
+
+
+async def test_a_build_runs_hardened_on_its_own_network_without_gpus():
+    from ds01_spawner.images import BUILD_NETWORK, ImageBuilder
+
+    engine = FakeEngine()
+    builder = ImageBuilder(1, engine.client)
+    hardened = BuildSpec(
+        "ds01-ada/p:latest",
+        "FROM ds01/singleuser\nRUN true\n",
+        {},
+        network_mode=BUILD_NETWORK,
+        memory=2 << 30,
+        cpu_shares=256,
+        owner="ada",
+        allowed_images=("ds01/*",),
+    )
+    build = builder.build(hardened)
+    engine.release("ds01-ada/p:latest")
+    await build.wait()
+    kwargs = engine.kwargs["ds01-ada/p:latest"]
+    assert kwargs["networkmode"] == BUILD_NETWORK
+    assert (kwargs["cpushares"], kwargs["memory"], kwargs["memswap"]) == (256, 2 << 30, 2 << 30)
+    with tarfile.open(fileobj=kwargs["fileobj"]) as tar:
+        sent = tar.extractfile("Dockerfile").read().decode()
+    assert sent.split("\n")[1] == "ENV NVIDIA_VISIBLE_DEVICES=void"
+
+
+def test_the_spawner_and_the_image_page_build_the_same_spec():
+    from ds01_spawner.images import BuildSettings, project_build_spec
+
+    settings = BuildSettings(base_image="ds01/singleuser:latest", build_args={"A": "1"})
+    spec_ = project_build_spec(
+        settings,
+        owner="H.Baker",
+        slug="h-baker-1a2b3c4d",
+        project="p",
+        project_type="base",
+        dockerfile="FROM ds01/singleuser\n",
+    )
+    assert spec_.image == "ds01-h-baker-1a2b3c4d/p:latest"
+    assert spec_.owner == "H.Baker" and spec_.own_prefix == "ds01-h-baker-1a2b3c4d/"
+    assert spec_.buildargs == {"A": "1", "BASE_IMAGE": "ds01/singleuser:latest"}
+    assert spec_.allowed_images[0] == "ds01/singleuser:latest"
+    assert spec_.labels["ds01.user"] == "H.Baker"

@@ -17,22 +17,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import docker
 import docker.errors
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from .. import labels
-from ..dockerfile import DockerfileError, ManagedPackages, add_packages, read_managed
+from ..dockerfile import (
+    DockerfileError,
+    ManagedPackages,
+    add_packages,
+    check_package_count,
+    read_managed,
+)
 from ..dockerfile import remove_packages as drop_packages
-from ..identity import UserIds, user_slug
+from ..identity import UserIds
 from ..images import (
     Build,
-    BuildSpec,
+    BuildSettings,
     ImageBuilder,
     dockerfile_digest,
     image_ref,
     image_repository,
+    project_build_spec,
 )
 from ..installed import InstalledRecords
 from ..packages import (
@@ -63,17 +71,35 @@ class ProjectError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
-    """The spawner settings the service must share (configure(c) passes them)."""
+    """What the image page needs: the hub's DS01Spawner settings (service/app.py builds it
+    from `spawner_settings`), and the service's own allow_url_packages."""
 
     workspace_root: str
     workspace_template: str
     state_dir: str
-    base_image: str
-    build_args: dict[str, str] = field(default_factory=dict)
-    build_network_mode: str | None = None
-    build_cpu_shares: int | None = None
+    build: BuildSettings = field(default_factory=BuildSettings)
     max_dockerfile_bytes: int = 256 * 1024
     allow_url_packages: bool = False
+
+
+def user_path(user: str) -> str:
+    """The hub API path of `user`, the name quoted whole.
+
+    A username may hold '#', '?' or '/' (``bob#x``): unquoted, the hub would
+    read a shorter path, or another resource's.
+    """
+    return f"users/{quote(user, safe='')}"
+
+
+def server_path(user: str, server: str) -> str:
+    """The hub API path of one of `user`'s servers; ``""`` is the default server.
+
+    Apart from `user_path` so that no missing server name can turn a DELETE of
+    a server into a DELETE of the user.
+    """
+    if not server:
+        return f"{user_path(user)}/server"
+    return f"{user_path(user)}/servers/{quote(server, safe='')}"
 
 
 class HubClient:
@@ -106,6 +132,7 @@ class ImageManager:
         self.store = ProjectStore(settings.state_dir)
         self.installed = InstalledRecords(settings.state_dir)
         self.client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+        self._edit_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def _docker(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.to_thread(getattr(self.client, method), *args, **kwargs)
@@ -117,7 +144,7 @@ class ImageManager:
             validate_project_name(name)
         except InvalidRequest as e:
             raise ProjectError(404, str(e)) from None
-        project = self.store.get(user_slug(owner), name)
+        project = self.store.get(self.store.slug(owner), name)
         if project is None or project.owner != owner:
             raise ProjectError(404, f"{owner} has no project {name!r}")
         return project
@@ -134,7 +161,7 @@ class ImageManager:
             return workspace_path(
                 self.settings.workspace_template,
                 root=self.settings.workspace_root,
-                user=user_slug(project.owner),
+                user=self.store.slug(project.owner),
                 project=project.name,
             )
         except WorkspaceError as e:
@@ -150,7 +177,7 @@ class ImageManager:
 
     async def describe(self, project: Project) -> dict[str, Any]:
         """Everything the page shows about one project's image."""
-        slug = user_slug(project.owner)
+        slug = self.store.slug(project.owner)
         latest = await self._inspect(image_ref(slug, project.name))
         previous = await self._inspect(image_ref(slug, project.name, "previous"))
         try:
@@ -204,7 +231,7 @@ class ImageManager:
             return None
 
     def build_status(self, project: Project) -> dict | None:
-        ref = image_ref(user_slug(project.owner), project.name)
+        ref = image_ref(self.store.slug(project.owner), project.name)
         running = next((b for b in self.builder.running() if b.spec.image == ref), None)
         if running is not None and not running.done.is_set():
             return {"status": "running", "image": ref}
@@ -222,9 +249,37 @@ class ImageManager:
         remove_pip: Sequence[str] = (),
         remove_apt: Sequence[str] = (),
     ) -> ManagedPackages:
-        """Validate every input first, then rewrite the Dockerfile's managed sections once."""
+        """Validate every input first, then rewrite the Dockerfile's managed sections once.
+
+        Parsing a request body of up to 256 KB is CPU work on user input, so it
+        runs on a thread, never on the event loop every page shares. One lock
+        per project keeps two edits of one Dockerfile from interleaving.
+        """
+        lock = self._edit_locks.setdefault((project.owner, project.name), asyncio.Lock())
+        async with lock:
+            return await asyncio.to_thread(
+                self._update_packages,
+                project,
+                add_pip=add_pip,
+                add_apt=add_apt,
+                requirements=requirements,
+                remove_pip=remove_pip,
+                remove_apt=remove_apt,
+            )
+
+    def _update_packages(
+        self,
+        project: Project,
+        *,
+        add_pip: Sequence[str],
+        add_apt: Sequence[str],
+        requirements: str,
+        remove_pip: Sequence[str],
+        remove_apt: Sequence[str],
+    ) -> ManagedPackages:
         allow = self.settings.allow_url_packages
         try:
+            check_package_count(len(add_pip) + len(add_apt), "packages named")
             pip = [validate_pip_spec(s, allow_urls=allow) for s in add_pip if s.strip()]
             pip += parse_requirements_text(requirements, allow_urls=allow) if requirements else []
             apt = [validate_apt_package(s) for s in add_apt if s.strip()]
@@ -233,13 +288,13 @@ class ImageManager:
             if remove_pip or remove_apt:
                 edited = drop_packages(edited, pip=remove_pip, apt=remove_apt)
             if pip or apt:
-                edited = add_packages(edited, pip=pip, apt=apt)
+                edited = add_packages(edited, pip=pip, apt=apt, allow_urls=allow)
         except (PackageError, DockerfileError) as e:
             raise ProjectError(400, str(e)) from None
         if edited != text:
             self._write_dockerfile(project, edited)
         if pip:  # what is in the image now need not be offered again
-            self.installed.forget(user_slug(project.owner), project.name, pip)
+            self.installed.forget(self.store.slug(project.owner), project.name, pip)
         return read_managed(edited)
 
     def _write_dockerfile(self, project: Project, text: str) -> None:
@@ -262,28 +317,25 @@ class ImageManager:
         os.replace(tmp, workspace / DOCKERFILE)
 
     def rebuild(self, project: Project, *, nocache: bool = False) -> Build:
-        dockerfile = self.dockerfile(project)
-        spec = BuildSpec(
-            image=image_ref(user_slug(project.owner), project.name),
-            dockerfile=dockerfile,
-            labels={
-                **labels.project_labels(project.owner, project.name, project.type),
-                labels.DOCKERFILE_SHA256: dockerfile_digest(dockerfile),
-            },
-            buildargs={**self.settings.build_args, "BASE_IMAGE": self.settings.base_image},
-            network_mode=self.settings.build_network_mode,
-            nocache=nocache,
-            cpu_shares=self.settings.build_cpu_shares,
+        return self.builder.build(
+            project_build_spec(
+                self.settings.build,
+                owner=project.owner,
+                slug=self.store.slug(project.owner),
+                project=project.name,
+                project_type=project.type,
+                dockerfile=self.dockerfile(project),
+                nocache=nocache,
+            )
         )
-        return self.builder.build(spec)
 
     def current_build(self, project: Project) -> Build | None:
-        ref = image_ref(user_slug(project.owner), project.name)
+        ref = image_ref(self.store.slug(project.owner), project.name)
         return next((b for b in self.builder.running() if b.spec.image == ref), None)
 
     async def rollback(self, project: Project) -> dict[str, str]:
         """Swap :latest and :previous (a second rollback undoes the first)."""
-        slug = user_slug(project.owner)
+        slug = self.store.slug(project.owner)
         repo = image_repository(slug, project.name)
         latest = await self._inspect(f"{repo}:latest")
         previous = await self._inspect(f"{repo}:previous")
@@ -298,7 +350,7 @@ class ImageManager:
         """Remove the project's images (not its workspace); refused while a server runs it."""
         if any(r for r in (await self.describe(project))["running"]):
             raise ProjectError(409, "stop the project's server before deleting its image")
-        repo = image_repository(user_slug(project.owner), project.name)
+        repo = image_repository(self.store.slug(project.owner), project.name)
         for tag in ("latest", "previous"):
             with contextlib.suppress(docker.errors.ImageNotFound):
                 await self._docker("remove_image", f"{repo}:{tag}")
@@ -311,16 +363,16 @@ class ImageManager:
         if not info["running"]:
             raise ProjectError(409, "no server of this project is running")
         user = project.owner
-        model = await self.hub.call("GET", f"users/{user}")
+        model = await self.hub.call("GET", user_path(user))
         restarted = []
         for entry in info["running"]:
             server = entry["server"]
-            path = f"users/{user}/servers/{server}" if server else f"users/{user}/server"
+            path = server_path(user, server)
             options = (model["servers"].get(server) or {}).get("user_options") or {}
             try:
                 await self.hub.call("DELETE", path)
                 for _ in range(120):
-                    model = await self.hub.call("GET", f"users/{user}")
+                    model = await self.hub.call("GET", user_path(user))
                     if server not in model["servers"]:
                         break
                     await asyncio.sleep(0.5)

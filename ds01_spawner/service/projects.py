@@ -204,31 +204,40 @@ class BuildEventsHandler(ProjectBase):
             return
         self.finish()
 
-    async def _send(self, event: dict[str, Any]) -> None:
-        self.write(f"data: {json.dumps(event)}\n\n")
+    async def _send(self, event: dict[str, Any], seq: int | None = None) -> None:
+        head = f"id: {seq}\n" if seq is not None else ""
+        self.write(f"{head}data: {json.dumps(event)}\n\n")
         await self.flush()
 
     async def _stream(self, build: Build) -> None:
+        """Followed by sequence number: a log trimmed past its limit never stalls a
+        reader, and a reconnecting EventSource (Last-Event-ID) resumes where it was."""
+        try:
+            after = int(self.request.headers.get("Last-Event-ID", "-1"))
+        except ValueError:
+            after = -1
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump() -> None:
-            async for event in build.follow():
-                await queue.put(event)
+            async for seq, event in build.events.follow(after):
+                await queue.put((seq, event))
             await queue.put(None)
 
         task = asyncio.ensure_future(pump())
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+                    item = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
                 except asyncio.TimeoutError:
                     self.write(": keepalive\n\n")
                     await self.flush()
                     continue
-                if event is None:
+                if item is None:
                     return
+                seq, event = item
                 await self._send(
-                    {"phase": event.phase, "message": event.message, "progress": event.progress}
+                    {"phase": event.phase, "message": event.message, "progress": event.progress},
+                    seq,
                 )
         finally:
             task.cancel()

@@ -19,12 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote
 
 import docker
 
 from .. import labels
-from ..gpus import GpuAllocator
+from ..gpus import GpuAllocator, Holder
 from ..limits import Limits, Policy, PolicyError, PolicyStore
 from ..nvml import GpuSlot, GpuUnavailable
 from ..retirement import (
@@ -36,7 +35,7 @@ from ..retirement import (
     gpu_share,
     judge,
 )
-from .manager import HubClient
+from .manager import HubClient, server_path
 
 log = logging.getLogger("ds01.retirer")
 
@@ -118,12 +117,18 @@ class Retirer:
             if c["Labels"].get(labels.ROLE) == "project"
         }
 
-    async def gpu_facts(self) -> tuple[list[GpuSlot], float]:
+    async def gpu_facts(self) -> tuple[list[GpuSlot], float, dict[tuple[str, str], list[Holder]]]:
+        """GPUs, the share allocated, and who holds what: the sealed ledger, never the
+        labels a user's image may have set."""
+        ledger = await self.allocator.ledger()
+        held: dict[tuple[str, str], list[Holder]] = {}
+        for h in ledger:
+            held.setdefault((h.user, h.server), []).append(h)
         try:
             slots = await self.allocator.slots()
         except GpuUnavailable:
-            return [], 0.0
-        return slots, gpu_share(slots, await self.allocator.ledger())
+            return [], 0.0, held
+        return slots, gpu_share(slots, ledger), held
 
     # ------------------------------------------------------------ one check
 
@@ -133,7 +138,7 @@ class Retirer:
         now = self.clock()
         users = await self.hub_users()
         containers = await self.containers()
-        slots, share = await self.gpu_facts()
+        slots, share, held = await self.gpu_facts()
         busy = {
             s.uuid
             for s in slots
@@ -148,7 +153,15 @@ class Retirer:
                 key = (user["name"], name)
                 snapshot.servers.append(
                     self._view(
-                        policy, user, name, server, containers.get(key, {}), busy, share, now
+                        policy,
+                        user,
+                        name,
+                        server,
+                        containers.get(key, {}),
+                        held.get(key, []),
+                        busy,
+                        share,
+                        now,
                     )
                 )
         return snapshot
@@ -193,12 +206,13 @@ class Retirer:
         name: str,
         server: dict[str, Any],
         container: dict[str, str],
+        holders: list[Holder],
         busy: set[str],
         share: float,
         now: float,
     ) -> ServerView:
         key = (user["name"], name)
-        gpus = tuple(u for u in container.get(labels.GPU_UUIDS, "").split(",") if u)
+        gpus = tuple(h.uuid for h in holders)
         if busy.intersection(gpus):
             self.gpu_busy_at[key] = now
         options = server.get("user_options") or {}
@@ -213,11 +227,7 @@ class Retirer:
         )
         limits = policy.resolve(user["name"], user.get("groups") or [])
         verdict = judge(limits, policy.retirement, facts, share, now)
-        try:
-            equivalents = float(container.get(labels.GPU_EQUIVALENTS, 0) or 0)
-        except ValueError:
-            equivalents = float(len(gpus))
-        return ServerView(facts, limits, verdict, equivalents)
+        return ServerView(facts, limits, verdict, sum(h.fraction for h in holders))
 
     def _add_recent_retirements(
         self, notices: dict[str, list[dict[str, Any]]], running: set[tuple[str, str]], now: float
@@ -260,11 +270,8 @@ class Retirer:
             entry.message,
         )
         self.retirements.add(entry)  # first: the spawner reads it to not keep the GPU
-        path = f"users/{quote(facts.user)}/server" + (
-            f"s/{quote(facts.server)}" if facts.server else ""
-        )
         try:
-            await self.hub.call("DELETE", path)
+            await self.hub.call("DELETE", server_path(facts.user, facts.server))
         except Exception as e:  # the next check tries again
             log.error("Could not retire %s/%s: %s", facts.user, facts.project, e)
 

@@ -32,7 +32,11 @@ def repo(engine):
 def spec(repo: str, body: str, tag: str = "latest") -> BuildSpec:
     dockerfile = f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\n{body}\n"
     return BuildSpec(
-        f"{repo}:{tag}", dockerfile, {"ds01.managed": "true"}, {"BASE_IMAGE": BASE_IMAGE}
+        f"{repo}:{tag}",
+        dockerfile,
+        {"ds01.managed": "true"},
+        {"BASE_IMAGE": BASE_IMAGE},
+        allowed_images=(BASE_IMAGE,),
     )
 
 
