@@ -58,12 +58,13 @@ if os.environ.get("DS01_BUILD_NETWORK"):
     c.DS01Spawner.build_network_mode = os.environ["DS01_BUILD_NETWORK"]
 # limits per group and user, idle and max-runtime retirement; edits apply without a restart
 c.DS01Spawner.policy_file = os.environ.get("DS01_POLICY_FILE", str(here / "policy.yaml"))
+# GPUs: NVML by default; DS01_SIMULATED_GPUS=N presents N pretend GPUs (passed as env only)
+c.DS01Spawner.simulated_gpus = int(os.environ.get("DS01_SIMULATED_GPUS", "0"))
 
-# spawner class, hub networking, the ds01 service (GPU view) and its roles.
-# GPUs: NVML by default; DS01_SIMULATED_GPUS=N presents N pretend GPUs (passed as env only).
+# spawner class, hub networking, the ds01 service (GPU view) and its roles. It fills in
+# only what is unset above, and hands the service the final c.DS01Spawner settings.
 configure(
     c,
     admin_users=admins,
-    simulated_gpus=int(os.environ.get("DS01_SIMULATED_GPUS", "0")),
     service_port=int(os.environ.get("DS01_SERVICE_PORT", "10101")),
 )

@@ -6,7 +6,7 @@ import html
 import ipaddress
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import docker
@@ -15,6 +15,7 @@ import docker.errors
 from .limits import PolicyError, load_policy
 from .projects import discover_types
 from .retirement import Notices
+from .spawner import DS01Spawner
 
 ADMIN_SCOPE = "custom:ds01:admin"
 # what the ds01 service's own token may do: restart servers on a rebuilt image,
@@ -47,7 +48,7 @@ def configure(
     c: Any,
     *,
     admin_users: Iterable[str] = (),
-    simulated_gpus: int = 0,
+    simulated_gpus: int | None = None,
     network: str = "bridge",
     service_port: int = 10101,
 ) -> None:
@@ -61,22 +62,30 @@ def configure(
       role to more users or groups in your own load_roles);
     - `simulated_gpus` > 0 presents that many pretend GPUs, to spawner and service.
 
-    Call it after your own ``c.DS01Spawner`` settings: the service is given the
-    same workspace, state, build and policy settings. The policy is checked
+    It only fills in what you left unset: your own ``c.JupyterHub.hub_ip``,
+    ``c.DockerSpawner.network_name``, ``c.DS01Spawner.simulated_gpus`` (...)
+    win over its defaults and arguments. Your ``c.DS01Spawner`` settings may
+    come before or after the call: the service is handed the hub's final
+    values of `SHARED_SETTINGS` when the hub starts it. The policy is checked
     here, so a broken policy file stops the hub at start, naming file, line
     and key.
     """
     check_policy(c)
-    ip = docker_bridge_ip(network)
-    c.JupyterHub.spawner_class = "ds01"
-    c.JupyterHub.hub_ip = ip
-    c.JupyterHub.hub_connect_ip = ip
-    c.DockerSpawner.network_name = network
-    c.DS01Spawner.simulated_gpus = simulated_gpus
+    network = _get(c.DS01Spawner, "network_name", None) or _get(
+        c.DockerSpawner, "network_name", network
+    )
+    _fill(c.JupyterHub, "spawner_class", "ds01")
+    _fill(c.DockerSpawner, "network_name", network)
+    if simulated_gpus is not None:
+        _fill(c.DS01Spawner, "simulated_gpus", simulated_gpus)
+    if "hub_ip" not in c.JupyterHub or "hub_connect_ip" not in c.JupyterHub:
+        ip = docker_bridge_ip(network)
+        _fill(c.JupyterHub, "hub_ip", ip)
+        _fill(c.JupyterHub, "hub_connect_ip", ip)
 
     c.JupyterHub.custom_scopes = {
-        **_get(c.JupyterHub, "custom_scopes", {}),
         ADMIN_SCOPE: {"description": "See and manage every user's ds01 projects, images and GPUs."},
+        **_get(c.JupyterHub, "custom_scopes", {}),
     }
     c.JupyterHub.services = [
         *_get(c.JupyterHub, "services", []),
@@ -86,10 +95,9 @@ def configure(
             "info": {"description": "ds01: project images, limits and GPUs"},
             "url": f"http://127.0.0.1:{service_port}",
             "command": [sys.executable, "-m", "ds01_spawner.service"],
-            "environment": {
-                "DS01_SIMULATED_GPUS": str(simulated_gpus),
-                "DS01_SERVICE_SETTINGS": json.dumps(_shared_settings(c)),
-            },
+            # a callable: the hub calls it when it starts the service, after the
+            # whole config (and the command line) was read
+            "environment": {SETTINGS_ENV: lambda _spawner: json.dumps(shared_settings(c))},
             "oauth_no_confirm": True,
             # what a user's token for the service may carry: access, and the admin scope
             "oauth_client_allowed_scopes": [ADMIN_SCOPE],
@@ -118,7 +126,7 @@ def configure(
     c.JupyterHub.template_vars = {
         **_get(c.JupyterHub, "template_vars", {}),
         "announcement": retirement_notices(
-            _get(c.DS01Spawner, "state_dir", "/srv/ds01/state"),
+            lambda: spawner_setting(c, "state_dir"),
             _get(c.JupyterHub, "template_vars", {}).get("announcement", ""),
         ),
     }
@@ -139,39 +147,73 @@ def check_policy(c: Any) -> None:
         raise SystemExit(message) from None
 
 
-def retirement_notices(state_dir: str, announcement: Any = ""):
-    """The hub's announcement, per user: coming and recent retirements of their servers."""
-    notices = Notices(state_dir)
+def retirement_notices(state_dir: str | Callable[[], str], announcement: Any = ""):
+    """The hub's announcement, per user: coming and recent retirements of their servers.
+
+    `state_dir` may be a callable, asked on every page: the admin may set it
+    after configure(c).
+    """
 
     def render(user: Any) -> str:
         static = announcement(user) if callable(announcement) else announcement
         lines = [static] if static else []
         if user is not None:
+            notices = Notices(state_dir() if callable(state_dir) else state_dir)
             lines += [html.escape(n["message"]) for n in notices.warnings(user.name)]
         return "<br>".join(lines)
 
     return render
 
 
-_SHARED = (
+# The DS01Spawner settings the ds01 service must read as the hub does: declared
+# here once; configure(c) hands them over, the service reads them through
+# DS01Spawner's own traits (service/app.py `spawner_settings`).
+SHARED_SETTINGS = (
     "workspace_root",
     "workspace_template",
     "state_dir",
     "base_image",
+    "build_args",
     "build_network_mode",
     "build_cpu_shares",
+    "build_memory_limit",
+    "build_pids_limit",
+    "build_time_limit",
+    "allowed_base_images",
     "max_concurrent_builds",
+    "max_builds_per_user",
     "build_timeout",
-    "build_args",
+    "max_dockerfile_bytes",
     "policy_file",
     "policy",
+    "simulated_gpus",
 )
+SETTINGS_ENV = "DS01_SERVICE_SETTINGS"
 
 
-def _shared_settings(c: Any) -> dict[str, Any]:
-    """The DS01Spawner settings the service must agree on (it reads them as DS01Service's)."""
+def shared_settings(c: Any) -> dict[str, Any]:
+    """The `SHARED_SETTINGS` an admin set, from the hub's final config where the hub runs.
+
+    In a running hub that is JupyterHub's own config (the file, every line of
+    it, and the command line); else `c`. Unset names are left out: the service
+    gets DS01Spawner's defaults for them, as the hub does.
+    """
+    hub = sys.modules.get("jupyterhub.app")
+    if hub is not None and hub.JupyterHub.initialized():
+        c = hub.JupyterHub.instance().config
     spawner = c.DS01Spawner
-    return {name: spawner[name] for name in _SHARED if name in spawner}
+    return {name: spawner[name] for name in SHARED_SETTINGS if name in spawner}
+
+
+def spawner_setting(c: Any, name: str) -> Any:
+    """One of the hub's final DS01Spawner settings, its default where the admin set none."""
+    return shared_settings(c).get(name, DS01Spawner.class_traits()[name].default())
+
+
+def _fill(section: Any, name: str, value: Any) -> None:
+    """Set `name` only where the admin has not: a helper never overrides the admin."""
+    if name not in section:
+        section[name] = value
 
 
 def _get(section: Any, name: str, fallback: Any) -> Any:

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import logging
 import os
+import signal
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from jupyterhub.utils import url_path_join
-from tornado import ioloop, web
-from traitlets import Bool, Dict, Integer, Unicode, default
+from tornado import httpserver, ioloop, web
+from traitlets import Bool, Integer, Unicode, default
 from traitlets.config import Application, Config
 
-from ..configure import ADMIN_SCOPE
+from .. import labels
+from ..configure import ADMIN_SCOPE, SETTINGS_ENV, SHARED_SETTINGS
 from ..gpus import gpu_allocator
 from ..images import BuildRecords, ImageBuilder, default_client
 from ..limits import PolicyStore
+from ..spawner import DS01Spawner
 from .base import MAX_BODY_BYTES
 from .gpus import GpuHandler
 from .limits import LimitsHandler, PolicyReloadHandler
@@ -25,19 +33,31 @@ from .manager import HubClient, ImageManager, Settings
 from .projects import BuildEventsHandler, ProjectActionHandler, ProjectHandler, ProjectListHandler
 from .retirer import Retirer
 
+BIND_RETRY_SECONDS = 10  # how long a port held by an exiting service is waited for
+
+
+def spawner_settings(environ: Mapping[str, str] = os.environ) -> DS01Spawner:
+    """The hub's DS01Spawner settings, read through DS01Spawner's own traits.
+
+    configure(c) hands the hub's final values of SHARED_SETTINGS over in
+    $DS01_SERVICE_SETTINGS when the hub starts the service; what the admin left
+    unset has DS01Spawner's default here as in the hub. The instance only holds
+    settings: it never spawns anything.
+    """
+    given = json.loads(environ.get(SETTINGS_ENV) or "{}")
+    shared = {name: given[name] for name in SHARED_SETTINGS if name in given}
+    return DS01Spawner(config=Config({"DS01Spawner": shared}))
+
 
 class DS01Service(Application):
-    """The ds01 service; settings come from the command line or the hub's environment."""
+    """The ds01 service: its own settings here, the spawner's from the hub (`spawner_settings`).
+
+    It ends within a second or two of SIGTERM/SIGINT, or of its hub's death
+    (JupyterHub starts it in a session of its own, so a SIGKILLed hub would
+    leave it holding the port with a token the next hub does not know).
+    """
 
     name = "ds01-service"
-
-    simulated_gpus = Integer(
-        help="Simulated GPUs (as DS01Spawner.simulated_gpus); from $DS01_SIMULATED_GPUS."
-    ).tag(config=True)
-
-    @default("simulated_gpus")
-    def _default_simulated(self) -> int:
-        return int(os.environ.get("DS01_SIMULATED_GPUS", "0"))
 
     admin_scope = Unicode(ADMIN_SCOPE, help="Scope that unlocks the admin views.").tag(config=True)
 
@@ -55,26 +75,6 @@ class DS01Service(Application):
 
     refresh_seconds = Integer(10, help="How often the GPU page reloads itself.").tag(config=True)
 
-    # the spawner's settings the service shares (configure(c) passes them)
-    workspace_root = Unicode("/srv/ds01/workspaces", help="As DS01Spawner.workspace_root.").tag(
-        config=True
-    )
-    workspace_template = Unicode(
-        "{workspace_root}/{user}/{project}", help="As DS01Spawner.workspace_template."
-    ).tag(config=True)
-    state_dir = Unicode("/srv/ds01/state", help="As DS01Spawner.state_dir.").tag(config=True)
-    base_image = Unicode("ds01/singleuser:latest", help="As DS01Spawner.base_image.").tag(
-        config=True
-    )
-    build_network_mode = Unicode(
-        None, allow_none=True, help="As DS01Spawner.build_network_mode."
-    ).tag(config=True)
-    build_cpu_shares = Integer(256, help="As DS01Spawner.build_cpu_shares.").tag(config=True)
-    max_concurrent_builds = Integer(2, help="Builds the page runs at once.").tag(config=True)
-    build_timeout = Integer(3600, help="As DS01Spawner.build_timeout.").tag(config=True)
-    build_args = Dict(Unicode(), help="As DS01Spawner.build_args.").tag(config=True)
-    policy_file = Unicode("", help="As DS01Spawner.policy_file.").tag(config=True)
-    policy = Dict(help="As DS01Spawner.policy.").tag(config=True)
     retire_by_policy = Bool(
         True,
         help="Run the retirement loop (max_runtime, idle_timeout). Off: limits page only.",
@@ -83,7 +83,13 @@ class DS01Service(Application):
         False, help="Accept `name @ https://...` pip specs (direct references) on the page."
     ).tag(config=True)
 
-    aliases = {"simulated-gpus": "DS01Service.simulated_gpus", "url": "DS01Service.url"}
+    aliases = {"url": "DS01Service.url"}
+
+    def initialize(self, argv: list[str] | None = None) -> None:
+        super().initialize(argv)
+        self.spawner = spawner_settings()
+        self.server: httpserver.HTTPServer | None = None
+        self._parent = os.getppid()
 
     def make_app(self) -> web.Application:
         prefix = self.prefix
@@ -93,39 +99,39 @@ class DS01Service(Application):
             loader=FileSystemLoader(Path(__file__).parent / "templates"),
             autoescape=select_autoescape(),
         )
-        timeout = self.build_timeout
-        builder = ImageBuilder(
-            self.max_concurrent_builds,
+        spawner = self.spawner
+        timeout = spawner.build_timeout
+        self.builder = builder = ImageBuilder(
+            spawner.max_concurrent_builds,
             lambda: default_client(timeout),
-            BuildRecords(self.state_dir),
+            BuildRecords(spawner.state_dir),
+            max_per_user=spawner.max_builds_per_user,
         )
         token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
         hub = HubClient(os.environ["JUPYTERHUB_API_URL"], token) if token else None
         manager = ImageManager(
             Settings(
-                workspace_root=self.workspace_root,
-                workspace_template=self.workspace_template,
-                state_dir=self.state_dir,
-                base_image=self.base_image,
-                build_args=self.build_args,
-                build_network_mode=self.build_network_mode,
-                build_cpu_shares=self.build_cpu_shares,
+                workspace_root=spawner.workspace_root,
+                workspace_template=spawner.workspace_template,
+                state_dir=spawner.state_dir,
+                build=spawner.build_settings,  # the hub's builds, the same way
+                max_dockerfile_bytes=spawner.max_dockerfile_bytes,
                 allow_url_packages=self.allow_url_packages,
             ),
             builder,
             hub,
         )
-        allocator = gpu_allocator(self.simulated_gpus)
+        allocator = gpu_allocator(spawner.simulated_gpus, spawner.state_dir)
         self.retirer = Retirer(
             hub or HubClient(os.environ.get("JUPYTERHUB_API_URL", "http://127.0.0.1:8081"), ""),
-            PolicyStore(self.policy_file, self.policy),
+            PolicyStore(spawner.policy_file, spawner.policy),
             allocator,
-            self.state_dir,
+            spawner.state_dir,
         )
         settings = {
             "manager": manager,
             "retirer": self.retirer,
-            "state_dir": self.state_dir,
+            "state_dir": spawner.state_dir,
             "hub_auth": hub_auth,
             "cookie_secret": os.urandom(32),
             "xsrf_cookies": True,
@@ -156,23 +162,86 @@ class DS01Service(Application):
         )
 
     def start(self) -> None:
-        where = urlparse(self.url)
-        self.make_app().listen(
-            where.port or 80,
-            where.hostname or "127.0.0.1",
-            max_body_size=4 * MAX_BODY_BYTES,  # larger: refused before it is read
-        )
+        """Serve until a signal or the hub's death stops the loop (see `stop`)."""
+        self.server = self.listen(self.make_app())
         self.log.info("ds01 service at %s%s", self.url, self.prefix)
+        loop = asyncio.get_event_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
+        ioloop.PeriodicCallback(self.stop_without_hub, 1000).start()
         if self.retire_by_policy and self.retirer.hub.token:
             ioloop.IOLoop.current().add_callback(self.retirer.start)
-            self.log.info("Retiring servers by the policy of %s", self.policy_file or "config")
+            self.log.info(
+                "Retiring servers by the policy of %s", self.spawner.policy_file or "config"
+            )
         ioloop.IOLoop.current().start()
+
+    def listen(self, app: web.Application) -> httpserver.HTTPServer:
+        """Bind, waiting a few seconds for a port that the service of a dead hub still holds.
+
+        That one notices its hub is gone within a second and exits; binding
+        beside it (SO_REUSEPORT) would split the requests between the two.
+        """
+        where = urlparse(self.url)
+        deadline = time.monotonic() + BIND_RETRY_SECONDS
+        while True:
+            try:
+                return app.listen(
+                    where.port or 80,
+                    where.hostname or "127.0.0.1",
+                    max_body_size=4 * MAX_BODY_BYTES,  # larger: refused before it is read
+                )
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                self.log.warning("%s is in use (an earlier service exiting?); waiting", self.url)
+                time.sleep(0.2)
+
+    def stop_without_hub(self) -> None:
+        """Stop once the hub that started us is gone (we were reparented)."""
+        if os.getppid() != self._parent:
+            self.stop("the hub is gone")
+
+    def stop(self, reason: str) -> None:
+        """Stop serving, cancel the retirer, record running builds as interrupted, end the loop.
+
+        The build threads are not waited for: main() exits the process, which
+        closes their connections, and the engine cancels a build whose client
+        went away; nothing half-built is tagged.
+        """
+        self.log.warning("ds01 service stopping: %s", reason)
+        if self.server is not None:
+            self.server.stop()
+        for task in asyncio.all_tasks():  # the retirement loop, requests in flight
+            task.cancel()
+        for image in self.interrupt_builds():
+            self.log.warning("Build of %s interrupted", image)
+        ioloop.IOLoop.current().add_callback(ioloop.IOLoop.current().stop)
+
+    def interrupt_builds(self) -> list[str]:
+        """Record the builds this service is running as interrupted; returns their images."""
+        records = self.builder.records
+        interrupted = []
+        for build in self.builder.running():
+            if not build.started.is_set() or build.done.is_set():
+                continue
+            record = records.read(build.spec.image) or {}
+            if record.get("status") != "running":
+                continue  # its thread has not begun; a record it writes reads as interrupted
+            records.write(
+                build.spec.image,
+                status="interrupted",
+                finished=labels.now_iso(),
+                error="the ds01 service stopped during the build; nothing was tagged",
+            )
+            interrupted.append(build.spec.image)
+        return interrupted
 
 
 def main(argv: list[str] | None = None) -> None:
     app = DS01Service()
-    # the hub passes the spawner's shared settings (see configure.configure)
-    shared = json.loads(os.environ.get("DS01_SERVICE_SETTINGS") or "{}")
-    app.update_config(Config({"DS01Service": shared}))
     app.initialize(argv)
     app.start()
+    # stopped: exit now rather than wait for build threads blocked on the engine
+    logging.shutdown()
+    os._exit(0)

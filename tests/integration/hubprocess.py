@@ -2,6 +2,10 @@
 
 Used where an in-process MockHub cannot stand in: killing and restarting the
 hub, the hub's shutdown cleanup, and the browser test.
+
+The hub starts its proxy and the ds01 service (in a session of its own), and
+a SIGKILLed hub leaves them to init; so each HubProcess notes, by pid, every
+process under its hub while it can see them, and `stop()` ends them all.
 """
 
 from __future__ import annotations
@@ -24,6 +28,61 @@ from ds01_spawner.identity import UidAllocator, UserIds, user_slug
 REPO = Path(__file__).resolve().parents[2]
 
 
+def proc_stat(pid: int) -> tuple[int, str, int] | None:
+    """(parent pid, state, start time) of a process, None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # the name may hold spaces
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process under `root`, by parent pid."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := proc_stat(int(entry.name))):
+            children.setdefault(stat[0], []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def alive(pid: int, started: int) -> bool:
+    """The same process (not a reused pid) still runs; a zombie has ended."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[2] == started and stat[1] not in "ZX"
+
+
+def end_processes(procs: dict[int, int], grace: float = 5) -> list[str]:
+    """SIGTERM, then SIGKILL, every process of `procs` (pid -> start time) still running."""
+    running = {pid: t for pid, t in procs.items() if alive(pid, t)}
+    ended = [f"{pid} {cmdline(pid)}" for pid in running]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            running = {pid: t for pid, t in running.items() if alive(pid, t)}
+            if not running:
+                return ended
+            time.sleep(0.1)
+    return ended
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,6 +100,32 @@ class HubProcess:
         self.url = f"http://127.0.0.1:{self.port}{base_url.rstrip('/')}"
         self.proc: subprocess.Popen | None = None
         self.token: str | None = None
+        self.started: dict[int, int] = {}  # pid -> start time: the hub and all under it
+
+    def track(self) -> None:
+        """Note the hub and every process under it now (the proxy, the ds01 service)."""
+        if self.proc is None:
+            return
+        for pid in {self.proc.pid, *descendants(self.proc.pid)}:
+            if stat := proc_stat(pid):
+                self.started.setdefault(pid, stat[2])
+
+    def service_pid(self, timeout: float = 30) -> int:
+        """The pid of the hub's ds01 service."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.track()
+            for pid in descendants(self.proc.pid):
+                if "ds01_spawner.service" in cmdline(pid):
+                    return pid
+            time.sleep(0.2)
+        raise AssertionError(f"no ds01 service under the hub after {timeout}s")
+
+    def take_ports_of(self, first: HubProcess) -> None:
+        """A restarted hub keeps its ports, its service's too (as in production)."""
+        self.port, self.hub_port, self.api_port = first.port, first.hub_port, first.api_port
+        self.service_port, self.url, self.token = first.service_port, first.url, first.token
 
     def start(self, timeout: float = 60) -> None:
         env = {
@@ -69,10 +154,12 @@ class HubProcess:
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self.track()
             if self.proc.poll() is not None:
                 raise RuntimeError(f"hub exited {self.proc.returncode}; see {self.log_path}")
             try:
                 if requests.get(f"{self.url}/hub/health", timeout=2).status_code == 200:
+                    self.track()
                     return
             except requests.ConnectionError:
                 pass
@@ -82,12 +169,14 @@ class HubProcess:
     def kill(self) -> None:
         """SIGKILL: the hub dies without cleaning anything up."""
         assert self.proc is not None
+        self.track()  # its children are init's after this: note them while we can
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
 
     def terminate(self, timeout: float = 90) -> int:
         """SIGTERM: a normal shutdown (cleanup_servers applies)."""
         assert self.proc is not None
+        self.track()
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
@@ -133,12 +222,14 @@ class HubProcess:
             time.sleep(0.5)
         raise AssertionError(f"{user}/{server} not ready in {timeout}s")
 
-    def stop(self) -> None:
+    def stop(self) -> list[str]:
+        """Stop the hub, then end whatever it started that still runs; returns those."""
         if self.proc is not None and self.proc.poll() is None:
             try:
                 self.terminate()
             except subprocess.TimeoutExpired:
                 self.kill()
+        return end_processes(self.started)
 
 
 def remove_user_objects(engine: docker.DockerClient, user: str) -> None:

@@ -24,14 +24,8 @@ def hub_process(tmp_path, engine):
 
     def make(**env: str) -> HubProcess:
         p = HubProcess(data, tmp_path / "hub.log", **env)
-        if procs:  # a restarted hub keeps its ports
-            p.port, p.hub_port, p.api_port, p.url = (
-                procs[0].port,
-                procs[0].hub_port,
-                procs[0].api_port,
-                procs[0].url,
-            )
-            p.token = procs[0].token
+        if procs:
+            p.take_ports_of(procs[0])
         procs.append(p)
         return p
 

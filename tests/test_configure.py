@@ -1,0 +1,133 @@
+"""configure(c) fills in what the admin left unset, and hands the service the hub's final
+c.DS01Spawner settings, whatever order the config file sets them in."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from traitlets.config import Config, PyFileConfigLoader
+
+from ds01_spawner import DS01Spawner
+from ds01_spawner.configure import SETTINGS_ENV, SHARED_SETTINGS, configure
+from ds01_spawner.service.app import spawner_settings
+from ds01_spawner.service.manager import Settings
+
+
+@pytest.fixture(autouse=True)
+def no_engine(monkeypatch):
+    """The bridge address without asking an engine."""
+    module = sys.modules["ds01_spawner.configure"]  # the package exports configure() by this name
+    monkeypatch.setattr(module, "docker_bridge_ip", lambda network: "10.9.8.7")
+
+
+def service_environment(c: Config) -> dict[str, str]:
+    """The ds01 service's environment, as the hub makes it when it starts the service."""
+    (service,) = [s for s in c.JupyterHub.services if s["name"] == "ds01"]
+    return {k: v(None) if callable(v) else v for k, v in service["environment"].items()}
+
+
+def load_config_file(tmp_path: Path, text: str) -> Config:
+    """Load a jupyterhub_config.py the way the hub does (traitlets' file loader)."""
+    path = tmp_path / "jupyterhub_config.py"
+    path.write_text(text)
+    return PyFileConfigLoader(path.name, path=str(tmp_path)).load_config()
+
+
+def test_simulated_gpus_the_admin_set_before_configure_is_kept():
+    c = Config()
+    c.DS01Spawner.simulated_gpus = 3
+    configure(c, simulated_gpus=0)
+    assert c.DS01Spawner.simulated_gpus == 3
+    assert spawner_settings(service_environment(c)).simulated_gpus == 3
+
+
+def test_simulated_gpus_argument_fills_in_when_unset():
+    c = Config()
+    configure(c, simulated_gpus=2)
+    assert c.DS01Spawner.simulated_gpus == 2
+    assert spawner_settings(service_environment(c)).simulated_gpus == 2
+
+
+def test_hub_address_network_and_spawner_class_the_admin_set_are_kept():
+    c = Config()
+    c.JupyterHub.hub_ip = "0.0.0.0"
+    c.JupyterHub.hub_connect_ip = "hub.lab.example"
+    c.DockerSpawner.network_name = "labnet"
+    c.JupyterHub.spawner_class = "mylab.LabSpawner"
+    configure(c)
+    assert c.JupyterHub.hub_ip == "0.0.0.0"
+    assert c.JupyterHub.hub_connect_ip == "hub.lab.example"
+    assert c.DockerSpawner.network_name == "labnet"
+    assert c.JupyterHub.spawner_class == "mylab.LabSpawner"
+
+
+def test_unset_hub_settings_are_filled_in():
+    c = Config()
+    configure(c)
+    assert c.JupyterHub.spawner_class == "ds01"
+    assert (c.JupyterHub.hub_ip, c.JupyterHub.hub_connect_ip) == ("10.9.8.7", "10.9.8.7")
+    assert c.DockerSpawner.network_name == "bridge"
+
+
+def test_the_admins_own_scope_description_is_kept():
+    c = Config()
+    c.JupyterHub.custom_scopes = {"custom:ds01:admin": {"description": "lab admins"}}
+    configure(c)
+    assert c.JupyterHub.custom_scopes["custom:ds01:admin"] == {"description": "lab admins"}
+
+
+def test_spawner_settings_set_after_configure_reach_the_service(tmp_path):
+    c = load_config_file(
+        tmp_path,
+        "from ds01_spawner import configure\n"
+        "c = get_config()\n"
+        "configure(c)\n"
+        "c.DS01Spawner.workspace_root = '/lab/workspaces'\n"
+        "c.DS01Spawner.state_dir = '/lab/state'\n"
+        "c.DS01Spawner.max_dockerfile_bytes = 4096\n",
+    )
+    settings = spawner_settings(service_environment(c))
+    assert settings.workspace_root == "/lab/workspaces"
+    assert settings.state_dir == "/lab/state"
+    assert settings.max_dockerfile_bytes == 4096
+
+
+def test_the_service_reads_what_the_admin_left_unset_as_the_hub_does():
+    c = Config()
+    configure(c)
+    service, hub = spawner_settings(service_environment(c)), DS01Spawner(config=c)
+    for name in SHARED_SETTINGS:
+        assert getattr(service, name) == getattr(hub, name), name
+    assert service.build_settings == hub.build_settings
+
+
+def test_the_service_gets_no_copy_made_at_configure_time():
+    c = Config()
+    configure(c)
+    c.DS01Spawner.build_args = {"PIP_INDEX_URL": "https://pypi.lab.example/simple"}
+    assert '"PIP_INDEX_URL"' in service_environment(c)[SETTINGS_ENV]
+
+
+def test_every_shared_setting_is_a_spawner_setting_and_covers_the_services_settings():
+    assert set(SHARED_SETTINGS) <= set(DS01Spawner.class_trait_names(config=True))
+    # what the image page's manager needs from the spawner
+    for name in ("workspace_root", "workspace_template", "state_dir", "max_dockerfile_bytes"):
+        assert name in SHARED_SETTINGS and name in Settings.__dataclass_fields__
+
+
+def test_the_announcement_reads_the_state_dir_set_after_configure(tmp_path):
+    c = Config()
+    configure(c)
+    c.DS01Spawner.state_dir = str(tmp_path)
+    message = {"server": "", "project": "p", "reason": "idle", "at": 0, "message": "retiring soon"}
+    (tmp_path / "notices.json").write_text(
+        json.dumps({"written": 0, "warnings": {"alice": [message]}})
+    )
+
+    class User:
+        name = "alice"
+
+    assert "retiring soon" in c.JupyterHub.template_vars["announcement"](User())
