@@ -23,34 +23,51 @@ from typing import Any, ClassVar
 
 import docker
 import docker.errors
+import requests.exceptions
 from dockerspawner import DockerSpawner
 from jinja2 import Environment, PackageLoader, select_autoescape
 from jupyterhub.spawner import SpawnException
-from traitlets import Bool, Callable, Dict, Enum, Float, Integer, List, Tuple, Unicode, default
+from traitlets import (
+    Bool,
+    Callable,
+    Dict,
+    Enum,
+    Float,
+    Integer,
+    List,
+    TraitError,
+    Tuple,
+    Unicode,
+    default,
+    validate,
+)
 
 from . import labels
+from .events import EventLog
 from .gpus import (
     GpuAllocator,
     GpuHolds,
     GpuPolicy,
     GpuRefusal,
     GpuRequest,
+    LedgerSeal,
     choose,
     gpu_allocator,
     gpu_labels,
 )
-from .identity import UidAllocator, UserIds, resolve_ids, user_slug
+from .identity import UidAllocator, UserIds, resolve_ids
 from .images import (
+    BUILD_NETWORK,
     BuildError,
     BuildRecords,
-    BuildSpec,
+    BuildSettings,
     ImageBuilder,
     default_client,
-    dockerfile_digest,
     image_ref,
+    project_build_spec,
 )
-from .installed import InstalledRecords, added_in_container, freeze_in_container, parse_freeze
-from .limits import Limits, PolicyError, PolicyStore, format_size
+from .installed import InstalledRecords, read_added_packages
+from .limits import Limits, PolicyError, PolicyStore, format_size, parse_size
 from .nvml import GpuSlot, GpuUnavailable
 from .projects import (
     DOCKERFILE,
@@ -91,7 +108,9 @@ def refusal(
     return e
 
 
-# The share of the progress bar each spawn phase uses.
+# The share of the progress bar each spawn phase uses; the spawn page keeps the last
+# MAX_PROGRESS_EVENTS lines (a build may print without end).
+MAX_PROGRESS_EVENTS = 2000
 _BUILD_START, _BUILD_END, _CONTAINER = 10, 85, 90
 
 
@@ -110,8 +129,9 @@ class DS01Spawner(DockerSpawner):
         help="""Host path of a project's workspace, mounted at `workspace_mount`.
 
         Fields: {workspace_root}, {user} (the user's slug: the hub name when it is
-        plain [a-z0-9-], else a folded name plus a hash) and {project}. The result
-        must lie under workspace_root.
+        plain [a-z0-9-], else a folded name plus a hash; `-2`, `-3`, ... when another
+        user already holds that slug, as recorded in state_dir/slugs.json) and
+        {project}. The result must lie under workspace_root.
         """,
     ).tag(config=True)
 
@@ -122,7 +142,8 @@ class DS01Spawner(DockerSpawner):
 
     state_dir = Unicode(
         "/srv/ds01/state",
-        help="Hub-side state: project records and the uid map. Not visible to containers.",
+        help="""Hub-side state: project records, the uid and slug maps, the GPU ledger's
+        key, build records. Shared with the ds01 service; never visible to containers.""",
     ).tag(config=True)
 
     project_types_dir = Unicode(
@@ -167,9 +188,68 @@ class DS01Spawner(DockerSpawner):
     ).tag(config=True)
 
     build_network_mode = Unicode(
-        None,
+        BUILD_NETWORK,
         allow_none=True,
-        help="Network mode for image builds (e.g. 'host' to reach a local package index).",
+        help="""Network of image builds' RUN steps.
+
+        Default `ds01-build`: a bridge network of their own (made on first use, no
+        traffic between its containers), not the bridge every user container
+        shares. `none`: builds reach no network at all (a lab without a package
+        mirror, or with wheels in the image). A network of your own (e.g.
+        `docker network create --internal`) that reaches only the lab's package
+        mirror. `host` only for tests against a package index on 127.0.0.1.
+        """,
+    ).tag(config=True)
+
+    build_memory_limit = Unicode(
+        "4G",
+        allow_none=True,
+        help="Memory of each build step (RUN), no swap on top, e.g. '4G'. Empty: no limit.",
+    ).tag(config=True)
+
+    @validate("build_memory_limit")
+    def _valid_build_memory(self, proposal: Any) -> str:
+        try:
+            parse_size(proposal.value)
+        except ValueError as e:
+            raise TraitError(f"build_memory_limit: {e}") from None
+        return proposal.value
+
+    build_pids_limit = Integer(
+        1024,
+        min=0,
+        help="""Processes all of one user's build steps may run together (0: no limit).
+
+        Set on a cgroup parent of the user's builds (the classic builder has no
+        pids limit of its own); needs the engine's cgroupfs driver and a hub that
+        may write the cgroup tree, else builds run without it (logged once).
+        """,
+    ).tag(config=True)
+
+    build_time_limit = Float(
+        7200,
+        min=0,
+        help="""Seconds a whole build may take, output or not (0: no limit).
+
+        A build past it is cancelled (nothing is tagged, the previous image stays);
+        `build_timeout` is the separate limit on a build that sends no output.
+        """,
+    ).tag(config=True)
+
+    max_builds_per_user = Integer(
+        1,
+        min=1,
+        help="""Builds of one user that run at once; their others wait (in order) while
+        other users' builds take the free slots, so nobody holds every slot.""",
+    ).tag(config=True)
+
+    allowed_base_images = List(
+        Unicode(),
+        default_value=["ds01/*"],
+        help="""Images a project's Dockerfile may build FROM (or COPY --from), besides
+        `base_image` and the user's own project images. Patterns as in `ds01/*`;
+        checked after build arguments are expanded. Another user's images never.
+        """,
     ).tag(config=True)
 
     build_cpu_shares = Integer(
@@ -233,9 +313,11 @@ class DS01Spawner(DockerSpawner):
 
     save_packages_timeout = Float(
         5.0,
-        help="""Seconds to list, at retire, the pip packages installed in the container
-        beyond its image (offered on the image page). 0 turns it off. The stop is
-        never held up longer: a container that does not answer is retired anyway.
+        help="""Seconds to read, at retire, which pip packages were installed in the
+        container beyond its image (offered on the image page), from the engine's
+        list of the container's file changes: nothing runs inside the container.
+        0 turns it off. The stop is never held up longer: an engine that does not
+        answer in time leaves nothing recorded, and the container is retired anyway.
         """,
     ).tag(config=True)
 
@@ -351,24 +433,38 @@ class DS01Spawner(DockerSpawner):
 
     # ------------------------------------------------------------ shared objects
 
-    _builders: ClassVar[dict[tuple[str, int], ImageBuilder]] = {}
+    _builders: ClassVar[dict[tuple[str, int, int], ImageBuilder]] = {}
 
     @property
     def builder(self) -> ImageBuilder:
         """The hub's build pool (one per state_dir and size: shared by every spawner)."""
-        key = (self.state_dir, self.max_concurrent_builds)
+        key = (self.state_dir, self.max_concurrent_builds, self.max_builds_per_user)
         if key not in self._builders:
             timeout = self.build_timeout
             self._builders[key] = ImageBuilder(
                 self.max_concurrent_builds,
                 lambda: default_client(timeout),
                 BuildRecords(self.state_dir),
+                max_per_user=self.max_builds_per_user,
             )
         return self._builders[key]
 
     @property
+    def build_settings(self) -> BuildSettings:
+        return BuildSettings(
+            base_image=self.base_image,
+            build_args=dict(self.build_args),
+            network_mode=self.build_network_mode or None,
+            cpu_shares=self.build_cpu_shares or None,
+            memory=parse_size(self.build_memory_limit) if self.build_memory_limit else None,
+            pids_limit=self.build_pids_limit or None,
+            time_limit=self.build_time_limit or None,
+            allowed_images=tuple(self.allowed_base_images),
+        )
+
+    @property
     def gpu_allocator(self) -> GpuAllocator:
-        return gpu_allocator(self.simulated_gpus)
+        return gpu_allocator(self.simulated_gpus, self.state_dir)
 
     _policies: ClassVar[dict[tuple[str, str], PolicyStore]] = {}
 
@@ -411,7 +507,8 @@ class DS01Spawner(DockerSpawner):
 
     @property
     def user_slug(self) -> str:
-        return user_slug(self.user.name)
+        """This user's slug, from the hub-wide registry (never another user's)."""
+        return self.store.slug(self.user.name)
 
     @property
     def gpu_holds(self) -> GpuHolds:
@@ -430,10 +527,8 @@ class DS01Spawner(DockerSpawner):
     _workspace: str = ""
     _gpus: list[GpuSlot] = []
     _unsaved: list[str] = []  # packages the last session installed and lost
-    _snapshot: asyncio.Future | None = None
     _gpus_since: str = ""
-    _events: list[dict[str, Any]]
-    _events_changed: asyncio.Event | None = None
+    _events: EventLog[dict[str, Any]] | None = None
 
     def load_state(self, state: dict[str, Any]) -> None:
         super().load_state(state)
@@ -496,7 +591,7 @@ class DS01Spawner(DockerSpawner):
             self.orm_spawner.user_options = request.user_options()
 
     def _validate(self, user_options: Any) -> ProjectRequest:
-        existing = {p.name: p for p in self.store.list(self.user_slug)}
+        existing = {p.name: p for p in self.store.list_owned(self.user.name)}
         try:
             request = parse_user_options(
                 user_options,
@@ -508,10 +603,31 @@ class DS01Spawner(DockerSpawner):
             )
         except InvalidRequest as e:
             raise refusal(str(e), reason="invalid_options", status_code=400) from None
+        if request.new:
+            self._own_record(request.name)  # refuses a name another user's record holds
         self._check_not_running_elsewhere(request.name)
         self._limits = self.limits()
         self._check_limits(request, self._limits)
         return request
+
+    def _own_record(self, name: str) -> Project | None:
+        """This user's record of project `name`, or None if there is none.
+
+        A record under the user's slug that names another owner (two users once
+        shared a slug, or a forged record) is not theirs: not listed, not opened,
+        and not created over, since its workspace and image are the other's.
+        """
+        project = self.store.get(self.user_slug, name)
+        if project is not None and project.owner != self.user.name:
+            raise refusal(
+                f"project {name!r} cannot be created: under your slug {self.user_slug!r} "
+                "there is already another user's project of that name (two users share the "
+                "slug). Nothing was changed; choose another name, and ask an admin to give "
+                "the two users separate slugs.",
+                reason="project_clash",
+                status_code=409,
+            )
+        return project
 
     def _check_limits(self, request: ProjectRequest, limits: Limits) -> None:
         """The policy's limits a request can break before anything exists (403/409)."""
@@ -566,7 +682,7 @@ class DS01Spawner(DockerSpawner):
     # ------------------------------------------------------------ the picker
 
     async def render_options_form(self) -> str:
-        projects = self.store.list(self.user_slug)
+        projects = self.store.list_owned(self.user.name)
         fixed = bool(self.name) and self.name in {p.name for p in projects}
         limits = self.limits()
         gpus = await self._gpu_choices(limits)
@@ -621,37 +737,27 @@ class DS01Spawner(DockerSpawner):
     # ------------------------------------------------------------ progress
 
     def _emit(self, progress: int, message: str) -> None:
-        self._events.append({"progress": progress, "message": message})
-        if self._events_changed is not None:
-            self._events_changed.set()
-            self._events_changed = asyncio.Event()
+        if self._events is not None:
+            self._events.append({"progress": progress, "message": message})
 
     async def progress(self):
         """Project, build and container steps, with the build log, as they happen."""
-        seen = 0
-        while True:
-            events = getattr(self, "_events", [])
-            while seen < len(events):
-                yield events[seen]
-                seen += 1
-            if self._events_changed is None:
-                return
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._events_changed.wait(), timeout=30)
+        if self._events is None:
+            return
+        async for _, event in self._events.follow():
+            yield event
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> tuple[str, int]:
-        self._events = []
-        self._events_changed = asyncio.Event()
+        self._events = EventLog(MAX_PROGRESS_EVENTS)
         try:
             return await self._start()
         except SpawnException:
             self._forget_refused_options()
             raise
         finally:
-            self._events_changed.set()
-            self._events_changed = None
+            self._events.close()
 
     async def _start(self) -> tuple[str, int]:
         # validated (and checked against the user's other servers) just before,
@@ -681,9 +787,6 @@ class DS01Spawner(DockerSpawner):
         finally:
             # the container now carries the ledger labels, or it never will
             self.gpu_allocator.settle(self.user.name, self.name)
-        if self.save_packages_timeout > 0:
-            # the image's own package list, once per image, from the fresh container
-            self._snapshot = asyncio.ensure_future(self._snapshot_image_packages())
         return ip_port
 
     def _unsaved_packages(self, project: Project) -> list[str]:
@@ -701,33 +804,26 @@ class DS01Spawner(DockerSpawner):
         )
         return packages
 
-    async def _snapshot_image_packages(self) -> None:
-        records = InstalledRecords(self.state_dir)
-        try:
-            image_id = (await self.docker("inspect_container", self.object_id))["Image"]
-        except docker.errors.DockerException:
-            return  # the container is already gone: nothing to learn from it
-        if records.image_packages(image_id) is None and self._ids is not None:
-            text = await freeze_in_container(
-                self.object_id, self._ids.docker_user, self.save_packages_timeout
-            )
-            if text is not None:
-                records.save_image_packages(image_id, parse_freeze(text))
+    async def _record_installed(self, inspected: dict[str, Any]) -> None:
+        """Before retire: what was pip-installed here beyond the image? Bounded in time.
 
-    async def _record_installed(self, image_id: str) -> None:
-        """Before retire: what was pip-installed here beyond the image? Bounded in time."""
-        if not (self.save_packages_timeout > 0 and self._ids and self._project and self.object_id):
+        Read from the container's writable layer (or the engine's list of its file
+        changes), never by running anything in the container. Not after the stop:
+        the container is created with auto_remove, so the engine removes it (and
+        its writable layer) as soon as it has stopped.
+        """
+        if not (self.save_packages_timeout > 0 and self._project and self.object_id):
             return
-        records = InstalledRecords(self.state_dir)
-        image = records.image_packages(image_id)
-        text = await freeze_in_container(
-            self.object_id, self._ids.docker_user, self.save_packages_timeout
+        image_id = inspected["Image"]
+        added = await read_added_packages(
+            self.object_id, self.save_packages_timeout, inspected.get("GraphDriver")
         )
-        if image is None or text is None:
-            self.log.info("No package list for %s: not recording its packages", self.object_name)
+        if added is None:
+            self.log.info("No file changes for %s: not recording its packages", self.object_name)
             return
-        added = added_in_container(parse_freeze(text), image)
-        records.record_session(self.user_slug, self._project.name, image_id, added)
+        InstalledRecords(self.state_dir).record_session(
+            self.user_slug, self._project.name, image_id, added
+        )
         if added:
             self.log.info("%s installed %s beyond its image", self.object_name, added[:20])
 
@@ -815,11 +911,11 @@ class DS01Spawner(DockerSpawner):
         """The project's record and workspace, created on first use (`project init`)."""
         slug = self.user_slug
         try:
+            project = self._own_record(request.name)  # before anything is created
             workspace = workspace_path(
                 self.workspace_template, root=self.workspace_root, user=slug, project=request.name
             )
             created = prepare_workspace(workspace, ids, root=self.workspace_root)
-            project = self.store.get(slug, request.name)
             if project is None:
                 project = Project(self.user.name, request.name, request.type, time.time())
             if created or not (workspace / DOCKERFILE).exists():
@@ -856,16 +952,13 @@ class DS01Spawner(DockerSpawner):
             dockerfile = read_workspace_file(workspace / DOCKERFILE, self.max_dockerfile_bytes)
         except WorkspaceError as e:
             raise refusal(str(e), reason="build", status_code=400) from None
-        spec = BuildSpec(
-            image=ref,
+        spec = project_build_spec(
+            self.build_settings,
+            owner=self.user.name,
+            slug=self.user_slug,
+            project=project.name,
+            project_type=project.type,
             dockerfile=dockerfile,
-            labels={
-                **labels.project_labels(self.user.name, project.name, project.type),
-                labels.DOCKERFILE_SHA256: dockerfile_digest(dockerfile),
-            },
-            buildargs={**self.build_args, "BASE_IMAGE": self.base_image},
-            network_mode=self.build_network_mode,
-            cpu_shares=self.build_cpu_shares,
         )
         last = self.builder.records.read(ref) if self.builder.records else None
         if last is not None and last.get("status") == "interrupted":
@@ -917,7 +1010,7 @@ class DS01Spawner(DockerSpawner):
             with contextlib.suppress(docker.errors.NotFound):
                 inspected = await self.docker("inspect_container", container)
         if inspected is not None:
-            await self._record_installed(inspected["Image"])
+            await self._record_installed(inspected)
         held = self._gpus_to_keep(project, inspected)
         await super().stop(now=now)
         if held:
@@ -947,13 +1040,25 @@ class DS01Spawner(DockerSpawner):
         return seconds, uuids
 
     async def _wait_gone(self, container: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Until the engine has removed `container`: its own wait, not a poll (which
+        costs a poll interval on every stop), on a client of its own."""
+
+        def wait() -> bool:
+            client = docker.APIClient(
+                version="auto", timeout=timeout, **docker.utils.kwargs_from_env()
+            )
             try:
-                await self.docker("inspect_container", container)
+                client.wait(container, condition="removed")
+                return True
             except docker.errors.NotFound:
-                return
-            await asyncio.sleep(0.1)
+                return True  # already gone
+            except (docker.errors.DockerException, requests.exceptions.RequestException):
+                return False
+            finally:
+                client.close()
+
+        if await asyncio.to_thread(wait):
+            return
         self.log.warning("Container %s still exists %ss after its removal", container[:12], timeout)
 
     # ------------------------------------------------------------ container spec
@@ -1007,8 +1112,12 @@ class DS01Spawner(DockerSpawner):
             labels.UID: str(self._ids.uid),
             labels.STARTED_AT: labels.now_iso(),
         }
-        if self._gpus:
-            kwargs["labels"].update(gpu_labels(self._gpus, self._gpus_since))
+        # every ds01 label, GPU ones empty where none apply: a label the user's image
+        # set must never show through; the seal says the spawner wrote them
+        kwargs["labels"].update(gpu_labels(self._gpus, self._gpus_since))
+        kwargs["labels"][labels.GPU_SEAL] = LedgerSeal(self.state_dir).seal(
+            kwargs.get("name", self.object_name), kwargs["labels"]
+        )
         host = kwargs.setdefault("host_config", {})
         host.pop("DeviceRequests", None)  # GPUs come from the ledger, never from config
         if self._gpus and not self.simulated_gpus:
