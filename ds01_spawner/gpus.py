@@ -420,7 +420,7 @@ class GpuHolds:
 _allocators: dict[tuple[int, str], GpuAllocator] = {}
 
 
-def gpu_allocator(simulated_gpus: int = 0, state_dir: str = "/srv/ds01/state") -> GpuAllocator:
+def gpu_allocator(simulated_gpus: int, state_dir: str) -> GpuAllocator:
     """This process's allocator over NVML (or N simulated GPUs) and the engine's ledger.
 
     One per process (and state directory, whose key seals the ledger), so every

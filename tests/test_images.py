@@ -324,3 +324,27 @@ def test_the_spawner_and_the_image_page_build_the_same_spec():
     assert spec_.buildargs == {"A": "1", "BASE_IMAGE": "ds01/singleuser:latest"}
     assert spec_.allowed_images[0] == "ds01/singleuser:latest"
     assert spec_.labels["ds01.user"] == "H.Baker"
+
+
+async def test_a_follower_of_a_build_past_the_log_limit_reaches_its_end():
+    """Past 5,000 lines the old log trimmed under its readers, who then froze."""
+    from ds01_spawner.images import MAX_LOG_LINES
+
+    build = Build(BuildSpec("x:latest", "FROM scratch", {}), asyncio.get_running_loop())
+    seen: list[str] = []
+
+    async def follow():
+        async for event in build.follow():
+            seen.append(event.message)
+            await asyncio.sleep(0)
+
+    reader = asyncio.create_task(follow())
+    for i in range(MAX_LOG_LINES + 1500):
+        build.publish(BuildEvent("log", f"line {i}"))
+        if i % 1000 == 0:
+            await asyncio.sleep(0.01)
+    build.publish(BuildEvent("built", "done", 100))
+    build.finish("sha256:1", None)
+    await asyncio.wait_for(reader, 10)
+    assert seen[-1] == "done" and seen[-2] == f"line {MAX_LOG_LINES + 1499}"
+    assert len(build.log_lines) == MAX_LOG_LINES - 1, "the log stays bounded"

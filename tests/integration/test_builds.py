@@ -126,7 +126,8 @@ async def test_a_long_build_does_not_hold_up_another_users_spawn_and_stop(hub, e
     _, ids = h.seed_workspace(slow, "heavy", dockerfile)
     try:
         slow_start = asyncio.ensure_future(h.start(slow, "heavy", timeout=240))
-        builder = DS01Spawner._builders[(h.app.config.DS01Spawner.state_dir, 2)]
+        state_dir = h.app.config.DS01Spawner.state_dir
+        builder = next(b for key, b in DS01Spawner._builders.items() if key[0] == state_dir)
         await wait_until(
             lambda: any(b.spec.image.endswith("/heavy:latest") for b in builder.running())
         )

@@ -48,7 +48,7 @@ def retirer_for(h, token: str, dirs: dict[str, str], policy: str, simulated: int
     return Retirer(
         HubClient(api, token),
         PolicyStore(policy),
-        gpus.gpu_allocator(simulated),
+        gpus.gpu_allocator(simulated, dirs["state_dir"]),
         dirs["state_dir"],
     )
 
