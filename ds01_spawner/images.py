@@ -482,14 +482,21 @@ class ImageBuilder:
             }
             if spec.network_mode:
                 params["networkmode"] = spec.network_mode
-            parent = build_cgroup(spec.owner, spec.pids_limit, client)
+            info = client.info()
+            parent = build_cgroup(spec.owner, spec.pids_limit, info)
             if parent:
                 params["cgroupparent"] = parent
             # the engine's build endpoint itself: docker-py's build() cannot set a
             # cgroup parent, and the watchdog needs the response to end a build
             response = client._post(
                 client._url("/build"),
-                data=context_tar(render_for_build(spec.dockerfile, found)),
+                # only an engine whose default runtime is nvidia hands builds GPUs;
+                # elsewhere the Dockerfile is built as written (its step numbers too)
+                data=context_tar(
+                    render_for_build(spec.dockerfile, found)
+                    if info.get("DefaultRuntime") == "nvidia"
+                    else spec.dockerfile
+                ),
                 params=params,
                 headers={"Content-Type": "application/tar"},
                 stream=True,
@@ -573,7 +580,7 @@ class _TimeLimit:
 _cgroup_warned = False
 
 
-def build_cgroup(owner: str, pids_limit: int | None, client: docker.APIClient) -> str | None:
+def build_cgroup(owner: str, pids_limit: int | None, info: dict) -> str | None:
     """The cgroup parent of `owner`'s build containers, with `pids_limit` for them together.
 
     The classic builder has no pids limit of its own. Under the cgroupfs driver a
@@ -587,7 +594,6 @@ def build_cgroup(owner: str, pids_limit: int | None, client: docker.APIClient) -
     slug = re.sub(r"[^a-z0-9-]", "-", owner.lower())[:40] + "-" + dockerfile_digest(owner)[:8]
     parent = f"/ds01-builds/{slug}"
     try:
-        info = client.info()
         if info.get("CgroupDriver") != "cgroupfs":
             raise OSError(f"the engine's cgroup driver is {info.get('CgroupDriver')}")
         version = info.get("CgroupVersion", "1")

@@ -86,12 +86,27 @@ def _started_by_session(pid: int, mark: str, basetemp: Path) -> bool:
         return False
 
 
+def _machine_engine() -> set[int]:
+    """The machine's own engine (the default socket's dockerd and its containerd): a
+    test that restarts it (test_faults) leaves it running on purpose, as bootstrap would."""
+    engines = {
+        pid
+        for pid in _running()
+        if (words := cmdline(pid).split())
+        and Path(words[0]).name == "dockerd"
+        and not any(w.startswith(("-H", "--host", "--data-root", "--pidfile")) for w in words)
+    }
+    return engines.union(*(descendants(pid) for pid in engines))
+
+
 def _left_behind(before: dict[int, int], mark: str, basetemp: Path) -> dict[int, int]:
     under_pytest = descendants(os.getpid())
+    engine = _machine_engine()
     return {
         pid: started
         for pid, started in _running().items()
         if before.get(pid) != started
+        and pid not in engine
         and LONG_LIVED.search(cmdline(pid))
         and (pid in under_pytest or _started_by_session(pid, mark, basetemp))
     }

@@ -162,6 +162,7 @@ class FakeEngine:
         self.started: list[str] = []
         self.kwargs: dict[str, dict] = {}
         self.lock = threading.Lock()
+        self.info = {"DefaultRuntime": "runc", "CgroupDriver": "cgroupfs"}
 
     def client(self):
         engine = self
@@ -178,6 +179,9 @@ class FakeEngine:
                 return [{"Name": n} for n in names]
 
             timeout = 60
+
+            def info(self):
+                return engine.info
 
             def _url(self, path):
                 return path
@@ -285,6 +289,7 @@ async def test_a_build_runs_hardened_on_its_own_network_without_gpus():
     from ds01_spawner.images import BUILD_NETWORK, ImageBuilder
 
     engine = FakeEngine()
+    engine.info["DefaultRuntime"] = "nvidia"  # it would hand a base image's GPUs to RUN
     builder = ImageBuilder(1, engine.client)
     hardened = BuildSpec(
         "ds01-ada/p:latest",
@@ -305,6 +310,17 @@ async def test_a_build_runs_hardened_on_its_own_network_without_gpus():
     with tarfile.open(fileobj=kwargs["fileobj"]) as tar:
         sent = tar.extractfile("Dockerfile").read().decode()
     assert sent.split("\n")[1] == "ENV NVIDIA_VISIBLE_DEVICES=void"
+
+
+async def test_where_builds_get_no_gpu_anyway_the_dockerfile_is_built_as_written():
+    from ds01_spawner.images import ImageBuilder
+
+    engine = FakeEngine()
+    build = ImageBuilder(1, engine.client).build(spec("ada", "p"))
+    engine.release("ds01-ada/p:latest")
+    await build.wait()
+    with tarfile.open(fileobj=engine.kwargs["ds01-ada/p:latest"]["fileobj"]) as tar:
+        assert tar.extractfile("Dockerfile").read().decode() == "FROM ds01/singleuser\n"
 
 
 def test_the_spawner_and_the_image_page_build_the_same_spec():
