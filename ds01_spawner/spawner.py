@@ -43,6 +43,7 @@ from traitlets import (
 )
 
 from . import labels
+from .container import ContainerPlan, container_env, harden_request
 from .events import EventLog
 from .gpus import (
     GpuAllocator,
@@ -53,7 +54,6 @@ from .gpus import (
     LedgerSeal,
     choose,
     gpu_allocator,
-    gpu_labels,
 )
 from .identity import UidAllocator, UserIds, resolve_ids
 from .images import (
@@ -1072,24 +1072,9 @@ class DS01Spawner(DockerSpawner):
 
     def get_env(self) -> dict[str, str]:
         env = super().get_env()
-        if self._project is not None:
-            env.update(
-                DS01_PROJECT=self._project.name,
-                DS01_PROJECT_TYPE=self._project.type,
-                DS01_IMAGE=self.image,
-                DS01_WORKSPACE=self.workspace_mount,
-            )
-        uuids = ",".join(s.uuid for s in self._gpus)
-        env.update(
-            # "void": a CPU-only container sees no GPU even under a default nvidia runtime
-            NVIDIA_VISIBLE_DEVICES=uuids or "void",
-            CUDA_VISIBLE_DEVICES=uuids,
-            DS01_GPU_UUIDS=uuids,
-            DS01_GPU_INDICES=",".join(s.index for s in self._gpus),
-            DS01_GPU_NAMES=",".join(s.name for s in self._gpus),
-            # what the last session pip-installed and lost: JupyterLab terminals show it
-            DS01_UNSAVED_PACKAGES=" ".join(self._unsaved),
-        )
+        plan = self._container_plan()
+        if plan is not None:
+            env.update(container_env(plan, self._unsaved))
         return env
 
     def docker(self, method: str, *args: Any, **kwargs: Any) -> asyncio.Future:
@@ -1097,58 +1082,30 @@ class DS01Spawner(DockerSpawner):
             kwargs = self._harden(kwargs)
         return super().docker(method, *args, **kwargs)
 
-    def _harden(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Applied last, over any extra_create_kwargs / extra_host_config: never root,
-        no privilege gain, no capabilities, labelled as ds01's."""
+    def _container_plan(self) -> ContainerPlan | None:
         if self._ids is None or self._project is None:
-            raise refusal("no project resolved for this container", reason="internal")
-        kwargs["user"] = self._ids.docker_user
-        kwargs["working_dir"] = self.workspace_mount
-        kwargs["labels"] = {
-            **(kwargs.get("labels") or {}),
-            **labels.project_labels(self.user.name, self._project.name, self._project.type),
-            labels.SERVER_NAME: self.name,
-            labels.IMAGE: self.image,
-            labels.UID: str(self._ids.uid),
-            labels.STARTED_AT: labels.now_iso(),
-        }
-        # every ds01 label, GPU ones empty where none apply: a label the user's image
-        # set must never show through; the seal says the spawner wrote them
-        kwargs["labels"].update(gpu_labels(self._gpus, self._gpus_since))
-        kwargs["labels"][labels.GPU_SEAL] = LedgerSeal(self.state_dir).seal(
-            kwargs.get("name", self.object_name), kwargs["labels"]
+            return None
+        return ContainerPlan(
+            owner=self.user.name,
+            server=self.name,
+            project=self._project.name,
+            project_type=self._project.type,
+            image=self.image,
+            ids=self._ids,
+            workspace_mount=self.workspace_mount,
+            gpus=tuple(self._gpus),
+            gpus_since=self._gpus_since,
+            gpu_passing=self.gpu_passing,
+            simulated_gpus=bool(self.simulated_gpus),
+            limits=self._limits,
         )
-        host = kwargs.setdefault("host_config", {})
-        host.pop("DeviceRequests", None)  # GPUs come from the ledger, never from config
-        if self._gpus and not self.simulated_gpus:
-            uuids = [s.uuid for s in self._gpus]
-            if self.gpu_passing == "device_requests":
-                host["DeviceRequests"] = [
-                    docker.types.DeviceRequest(device_ids=uuids, capabilities=[["gpu"]])
-                ]
-            elif self.gpu_passing == "nvidia_runtime":
-                host["Runtime"] = "nvidia"
-        self._harden_limits(host)
-        host["SecurityOpt"] = sorted({*(host.get("SecurityOpt") or []), "no-new-privileges"})
-        host["CapDrop"] = ["ALL"]
-        host.pop("CapAdd", None)
-        host["Privileged"] = False
-        host.setdefault("Init", True)  # reap the zombies terminals and kernels leave behind
-        return kwargs
 
-    def _harden_limits(self, host: dict[str, Any]) -> None:
-        """The policy's container limits, over any extra_host_config."""
-        limits = self._limits
-        if limits is None:
-            return
-        if limits.memory is not None:
-            host["Memory"] = limits.memory
-            host["MemorySwap"] = limits.memory  # no swap on top of the limit
-        if limits.max_cpus is not None:
-            host["CpuPeriod"] = 100_000
-            host["CpuQuota"] = int(limits.max_cpus * 100_000)
-            host.pop("NanoCpus", None)
-        if limits.shm_size is not None:
-            host["ShmSize"] = limits.shm_size
-        if limits.pids_limit is not None:
-            host["PidsLimit"] = limits.pids_limit
+    def _harden(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """ds01's rules, last, over any extra_create_kwargs / extra_host_config."""
+        plan = self._container_plan()
+        if plan is None:
+            raise refusal("no project resolved for this container", reason="internal")
+        kwargs.setdefault("name", self.object_name)
+        return harden_request(
+            kwargs, plan, seal=LedgerSeal(self.state_dir).seal, started_at=labels.now_iso()
+        )

@@ -1,0 +1,126 @@
+"""The container request: what a project's server container is made with, as pure functions.
+
+DockerSpawner assembles `create_container` arguments from its settings (and an
+admin's `extra_create_kwargs` / `extra_host_config`); `harden_request` applies
+ds01's rules last, over all of that, from plain inputs: never root, no
+privilege gain, no capabilities, every ``ds01.*`` label written (and sealed),
+GPUs only from the ledger, the policy's limits. `container_env` is the
+environment the server sees. Tested alone, like KubeSpawner's `make_pod`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import docker.types
+
+from . import labels
+from .gpus import gpu_labels
+from .identity import UserIds
+from .limits import Limits
+from .nvml import GpuSlot
+
+Seal = Callable[[str, dict[str, str]], str]  # (container name, labels) -> seal
+
+
+@dataclass(frozen=True)
+class ContainerPlan:
+    """Everything ds01 decides about one server's container."""
+
+    owner: str  # the hub user
+    server: str  # the named server ("" for the default one)
+    project: str
+    project_type: str
+    image: str
+    ids: UserIds
+    workspace_mount: str = "/workspace"
+    gpus: tuple[GpuSlot, ...] = ()
+    gpus_since: str = ""
+    gpu_passing: str = "device_requests"  # | "nvidia_runtime" | "env"
+    simulated_gpus: bool = False  # simulated GPUs reach the container as variables only
+    limits: Limits | None = None
+
+
+def harden_request(
+    kwargs: dict[str, Any], plan: ContainerPlan, *, seal: Seal, started_at: str
+) -> dict[str, Any]:
+    """`kwargs` for docker's create_container with ds01's rules applied over them.
+
+    The input is not changed. `seal` signs the ledger labels with the hub's key
+    (gpus.LedgerSeal.seal), so no label an image carries can pass for ours.
+    """
+    out = copy.deepcopy(kwargs)
+    out["user"] = plan.ids.docker_user
+    out["working_dir"] = plan.workspace_mount
+    lab = {
+        **(out.get("labels") or {}),
+        **labels.project_labels(plan.owner, plan.project, plan.project_type),
+        labels.SERVER_NAME: plan.server,
+        labels.IMAGE: plan.image,
+        labels.UID: str(plan.ids.uid),
+        labels.STARTED_AT: started_at,
+        # GPU labels empty where none apply: a label the user's image set never shows
+        **gpu_labels(list(plan.gpus), plan.gpus_since),
+    }
+    lab[labels.GPU_SEAL] = seal(out.get("name", ""), lab)
+    out["labels"] = lab
+
+    host = out.setdefault("host_config", {})
+    host.pop("DeviceRequests", None)  # GPUs come from the ledger, never from config
+    if plan.gpus and not plan.simulated_gpus:
+        uuids = [s.uuid for s in plan.gpus]
+        if plan.gpu_passing == "device_requests":
+            host["DeviceRequests"] = [
+                docker.types.DeviceRequest(device_ids=uuids, capabilities=[["gpu"]])
+            ]
+        elif plan.gpu_passing == "nvidia_runtime":
+            host["Runtime"] = "nvidia"
+    host.update(limit_settings(plan.limits))
+    if plan.limits is not None and plan.limits.max_cpus is not None:
+        host.pop("NanoCpus", None)
+    host["SecurityOpt"] = sorted({*(host.get("SecurityOpt") or []), "no-new-privileges"})
+    host["CapDrop"] = ["ALL"]
+    host.pop("CapAdd", None)
+    host["Privileged"] = False
+    host.setdefault("Init", True)  # reap the zombies terminals and kernels leave behind
+    return out
+
+
+def limit_settings(limits: Limits | None) -> dict[str, int]:
+    """The policy's container limits as docker host-config fields."""
+    if limits is None:
+        return {}
+    host: dict[str, int] = {}
+    if limits.memory is not None:
+        host["Memory"] = limits.memory
+        host["MemorySwap"] = limits.memory  # no swap on top of the limit
+    if limits.max_cpus is not None:
+        host["CpuPeriod"] = 100_000
+        host["CpuQuota"] = int(limits.max_cpus * 100_000)
+    if limits.shm_size is not None:
+        host["ShmSize"] = limits.shm_size
+    if limits.pids_limit is not None:
+        host["PidsLimit"] = limits.pids_limit
+    return host
+
+
+def container_env(plan: ContainerPlan, unsaved_packages: list[str] = ()) -> dict[str, str]:
+    """The variables ds01 adds to the server's environment."""
+    uuids = ",".join(s.uuid for s in plan.gpus)
+    return {
+        "DS01_PROJECT": plan.project,
+        "DS01_PROJECT_TYPE": plan.project_type,
+        "DS01_IMAGE": plan.image,
+        "DS01_WORKSPACE": plan.workspace_mount,
+        # "void": a CPU-only container sees no GPU even under a default nvidia runtime
+        "NVIDIA_VISIBLE_DEVICES": uuids or "void",
+        "CUDA_VISIBLE_DEVICES": uuids,
+        "DS01_GPU_UUIDS": uuids,
+        "DS01_GPU_INDICES": ",".join(s.index for s in plan.gpus),
+        "DS01_GPU_NAMES": ",".join(s.name for s in plan.gpus),
+        # what the last session pip-installed and lost: JupyterLab terminals show it
+        "DS01_UNSAVED_PACKAGES": " ".join(unsaved_packages),
+    }
