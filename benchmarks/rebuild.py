@@ -63,7 +63,7 @@ def with_run_id(template: str, run_id: str) -> str:
     lines = template.splitlines(keepends=True)
     for i, line in enumerate(lines):
         if line.lstrip().upper().startswith("FROM "):
-            lines.insert(i + 1, f"LABEL ds01.bench.run={run_id}\n")
+            lines.insert(i + 1, f"LABEL bench.ds01.run={run_id}\n")
             return "".join(lines)
     raise ValueError(f"{TEMPLATE} has no FROM line")
 
@@ -214,7 +214,7 @@ def remove_run(engine: docker.APIClient, repository: str, run_id: str) -> int:
                 with contextlib.suppress(docker.errors.APIError):
                     engine.remove_image(tag, force=True)
                     removed += 1
-    leftovers = {"dangling": True, "label": f"ds01.bench.run={run_id}"}
+    leftovers = {"dangling": True, "label": f"bench.ds01.run={run_id}"}
     for image in engine.images(filters=leftovers):
         with contextlib.suppress(docker.errors.APIError):
             engine.remove_image(image["Id"], force=True)

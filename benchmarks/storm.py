@@ -70,16 +70,6 @@ def outcome(spawn: Spawn) -> str:
     return "refused" if "gpu" in spawn.message.lower() else "failed"
 
 
-async def wait_settled(hub: BenchHub, users: list[str], timeout: float = 60) -> float:
-    """Seconds until the work a start leaves running is done (DS01Spawner lists the
-    image's packages from each fresh container), so the idle window is idle."""
-    t0 = perf_counter()
-    pending = [t for u in users if (t := getattr(hub.spawner(u), "_snapshot", None)) is not None]
-    if pending:
-        await asyncio.wait(pending, timeout=timeout)
-    return round(perf_counter() - t0, 2)
-
-
 async def storm_and_footprint(
     hub: BenchHub,
     *,
@@ -137,7 +127,6 @@ async def storm_and_footprint(
                 *(hub.start(u, "", None, poll=STORM_POLL_S) for u in again)
             )
         running = [u for u in names if hub.spawner(u).ready]
-        settle_s = await wait_settled(hub, running)
         idle = await idle_window(hub, running, poll_window_s(hub, names[0]))
         after = snapshot(hub)
         await asyncio.gather(
@@ -158,7 +147,6 @@ async def storm_and_footprint(
         "restart_failures": [
             f"{s.user}: {s.status} {s.message}"[:300] for s in restarts if not s.ready
         ],
-        "settle_s": settle_s,
         "idle": idle,
     }
     return storm, footprint

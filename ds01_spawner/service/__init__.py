@@ -2,9 +2,11 @@
 
 Runs as a managed service (``python -m ds01_spawner.service``) at
 ``/services/ds01/``; users sign in through the hub (HubOAuth) and admin views
-need the ``custom:ds01:admin`` scope. It reads the GPU ledger from the Docker
-engine's labels, so it needs no hub API rights and no shared memory with the
-hub. Today: who holds which GPU (page and JSON). Next: the image-update page.
+need the ``custom:ds01:admin`` scope. It serves the image-update page (your
+images: packages, rebuilds, rollback, restart), "check limits", the admin GPU
+page, and retires servers by the lab policy; each page has a JSON twin under
+``api/``. It reads the sealed GPU ledger from the engine's labels and shares
+the hub's state directory and DS01Spawner settings.
 """
 
 from .app import DS01Service, main

@@ -6,8 +6,8 @@ the decision is `retirement.judge`. A retirement is logged (service log and
 `RetirementLog`) before the server is stopped through the hub API, the same
 way a user's stop goes, so the spawner retires the container as usual.
 
-Scopes the service needs for this: list:users, read:users:activity,
-read:users:groups, read:servers, delete:servers (see configure.py).
+Scopes the service needs for this: configure.SERVICE_SCOPES (servers,
+list:users, read:users:activity, read:users:groups).
 """
 
 from __future__ import annotations
