@@ -16,14 +16,8 @@ from statistics import median, quantiles
 from time import perf_counter_ns
 
 from ds01_spawner import labels
-from ds01_spawner.gpus import (
-    GpuPolicy,
-    GpuRequest,
-    Holder,
-    choose,
-    gpu_labels,
-    holders_from_containers,
-)
+from ds01_spawner.gpus import GpuPolicy, GpuRequest, choose
+from ds01_spawner.ledger import Holder, gpu_labels, holders_from_containers
 from ds01_spawner.nvml import GpuSlot
 
 GIB = 1024**3

@@ -33,8 +33,9 @@ from time import monotonic, perf_counter
 
 import docker
 
+from ds01_spawner.builds import Build
 from ds01_spawner.identity import user_slug
-from ds01_spawner.images import Build, image_ref
+from ds01_spawner.images import image_ref
 
 from .footprint import CpuMeter
 from .hub import BENCH_PROJECT, BenchHub, ds01_config, running_hub

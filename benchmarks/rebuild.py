@@ -2,7 +2,7 @@
 
 The real code path of the image-update page: `dockerfile.add_packages` edits
 the base project type's Dockerfile (each pip package its own `RUN`), and
-`images.ImageBuilder` builds it with the labels and build args the page
+`builds.ImageBuilder` builds it with the labels and build args the page
 passes. The packages are tiny wheels served from a package index on
 127.0.0.1 (builds use host networking), so pip's own work is small and the
 numbers are mostly the engine's: a container per `RUN`, a commit per step.
@@ -38,15 +38,10 @@ import docker
 import docker.errors
 
 from ds01_spawner import labels
+from ds01_spawner.builds import Build, ImageBuilder
 from ds01_spawner.dockerfile import add_packages
-from ds01_spawner.images import (
-    Build,
-    BuildSpec,
-    ImageBuilder,
-    default_client,
-    dockerfile_digest,
-    image_ref,
-)
+from ds01_spawner.engine import docker_client
+from ds01_spawner.images import BuildSpec, dockerfile_digest, image_ref
 from tests.pkgindex import PackageIndex
 
 from .hub import BASE_IMAGE
@@ -146,13 +141,13 @@ async def rebuild_times(timeout: int = 300) -> dict:
     owner = f"bench-{run_id}"  # the sweep removes images of `bench*` users
     rebuild_ref = image_ref(owner, "rebuild")
     cold_ref = image_ref(owner, "cold")
-    builder = ImageBuilder(1, lambda: default_client(timeout))
+    builder = ImageBuilder(1, lambda: docker_client(timeout))
     template = with_run_id(TEMPLATE.read_text(), run_id)
     dockerfile_a = add_packages(template, pip=list(PACKAGES))
     dockerfile_b = add_packages(dockerfile_a, pip=[ADDED])
     index_dir = Path(tempfile.mkdtemp(prefix="ds01-bench-index-"))
     versions = dict.fromkeys((*PACKAGES, ADDED), "1.0")
-    engine = default_client(timeout)
+    engine = docker_client(timeout)
 
     async def build(ref: str, dockerfile: str, url: str, nocache: bool = False) -> dict:
         spec = BuildSpec(  # as the image-update page builds (service/manager.py)

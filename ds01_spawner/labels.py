@@ -25,7 +25,7 @@ GPU_INDICES = "ds01.gpu.indices"
 GPU_EQUIVALENTS = "ds01.gpu.equivalents"
 GPU_ALLOCATED_AT = "ds01.gpu.allocated_at"
 # HMAC of the container's name and labels, with a key only the hub side holds:
-# the ledger counts a container only if the spawner sealed it (see gpus.LedgerSeal)
+# the ledger counts a container only if the spawner sealed it (see ledger.LedgerSeal)
 GPU_SEAL = "ds01.gpu.seal"
 
 

@@ -14,7 +14,8 @@ A limit resolves user -> first matching group -> defaults -> built-in default,
 key by key. Everything here is pure: `parse_policy` turns text (or a dict)
 into a `Policy` or raises `PolicyError` naming the file, line and key;
 `PolicyStore` is the one I/O edge, re-reading the file when it changes and
-keeping the last good policy when the new text is broken.
+keeping the last good policy when the new text is broken. Reading the YAML
+safely is `policyfile`; durations and sizes are `units`.
 """
 
 from __future__ import annotations
@@ -22,91 +23,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import yaml
+from .policyfile import MAX_POLICY_BYTES, Located, PolicyError, check_size, load_policy_text
+from .units import OFF_WORDS, format_duration, format_size, parse_duration, parse_size
 
 log = logging.getLogger("ds01.policy")
-
-
-class PolicyError(ValueError):
-    """A policy that cannot be used; the message names where (file, line, key) and why."""
-
-    def __init__(self, message: str, *, source: str = "", line: int | None = None, key: str = ""):
-        self.source, self.line, self.key, self.reason = source, line, key, message
-        where = ", ".join(
-            part
-            for part in (source, f"line {line}" if line else "", f"key {key}" if key else "")
-            if part
-        )
-        super().__init__(f"{where}: {message}" if where else message)
-
-
-# ---------------------------------------------------------------- values
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s)", re.I)
-_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-_OFF = {"none", "off", "never", "unlimited"}
-
-
-def parse_duration(value: Any) -> float | None:
-    """'30m', '1.5h', '2d', '1h30m', '45s' -> seconds; 'none'/null -> no limit."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in _OFF):
-        return None
-    if isinstance(value, bool) or not isinstance(value, str):
-        raise ValueError(f"{value!r} is not a duration; write it with a unit: 30m, 1.5h, 2d")
-    text = value.strip().replace(" ", "")
-    if len(text) > 40:  # findall backtracks on a long run of digits; no duration is that long
-        raise ValueError(f"{value[:40]!r}... is not a duration; write it like 30m, 1.5h, 2d")
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts).lower() != text.lower():
-        raise ValueError(f"{value!r} is not a duration; write it with a unit: 30m, 1.5h, 2d")
-    seconds = sum(float(n) * _UNITS[u.lower()] for n, u in parts)
-    if seconds <= 0:
-        raise ValueError(f"{value!r} is zero; write none for no limit")
-    return seconds
-
-
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.I)
-
-
-def parse_size(value: Any) -> int | None:
-    """'512M', '16G', '2GiB', or bytes -> bytes (binary units, as Docker reads them)."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in _OFF):
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a size; write e.g. 512M or 16G")
-    if isinstance(value, int):
-        return value
-    match = _SIZE.fullmatch(str(value).strip())
-    if not match:
-        raise ValueError(f"{value!r} is not a size; write e.g. 512M or 16G")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * 1024 ** " kmgt".index(unit or " "))
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "none"
-    seconds = max(0, round(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and (seconds * 10) % size == 0:  # 1.5h, not 1.52h
-            return f"{seconds / size:.1f}".removesuffix(".0") + unit
-    return f"{seconds}s"
-
-
-def format_size(size: int | None) -> str:
-    if size is None:
-        return "none"
-    for unit, power in (("T", 4), ("G", 3), ("M", 2), ("K", 1)):
-        if size >= 1024**power:
-            return f"{size / 1024**power:.1f}".rstrip("0").rstrip(".") + unit
-    return f"{size}B"
 
 
 # ---------------------------------------------------------------- limits
@@ -154,7 +80,7 @@ def _show(name: str, value: Any) -> Any:
 
 def _number(kind: type, low: float, high: float | None = None, *, off: bool = True):
     def parse(value: Any) -> Any:
-        if off and (value is None or (isinstance(value, str) and value.lower() in _OFF)):
+        if off and (value is None or (isinstance(value, str) and value.lower() in OFF_WORDS)):
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{value!r} is not a number")
@@ -273,142 +199,15 @@ class Policy:
 # ---------------------------------------------------------------- parsing
 
 
-# PyYAML reads about 140 KB a second here, and the hub reads the policy on its
-# event loop after each edit; 256 KB is a lab of several thousand users.
-MAX_POLICY_BYTES = 256 * 1024
-MAX_POLICY_DEPTH = 16  # users -> name -> limit -> list is four
-
-
-class _NotAllowed(yaml.composer.ComposerError):
-    """YAML that parses, but that a policy may not use."""
-
-
-class _PolicyLoader(yaml.SafeLoader):
-    """SafeLoader's composer, refusing what a policy never needs: explicit tags
-    (``!!python/object``, ``!custom``), which no constructor here should meet,
-    and anchors and aliases, which expand exponentially once the tree is walked
-    (an alias bomb of nine levels is a billion values). Nesting is bounded too,
-    so that composing never recurses deeper than a policy needs."""
-
-    _depth = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _NotAllowed(
-                None,
-                None,
-                "anchors and aliases (&name, *name) are not allowed in the policy; "
-                "write each value out",
-                event.start_mark,
-            )
-        tag = getattr(event, "tag", None)
-        if tag not in (None, "!"):
-            raise _NotAllowed(
-                None,
-                None,
-                f"the tag {tag!r} is not allowed in the policy; write plain values",
-                event.start_mark,
-            )
-        if self._depth >= MAX_POLICY_DEPTH:
-            raise _NotAllowed(
-                None, None, f"nested more than {MAX_POLICY_DEPTH} levels deep", event.start_mark
-            )
-        self._depth += 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-class _Located:
-    """Values from YAML with the line of each key, to point errors at the file."""
-
-    def __init__(self, source: str, loader: yaml.SafeLoader | None = None) -> None:
-        self.source = source
-        self.lines: dict[str, int] = {}
-        self.loader = loader or _PolicyLoader("")
-
-    def error(self, key: str, message: str) -> PolicyError:
-        return PolicyError(message, source=self.source, line=self.lines.get(key), key=key)
-
-    def convert(self, node: yaml.Node, path: str) -> Any:
-        if isinstance(node, yaml.MappingNode):
-            out: dict[str, Any] = {}
-            for key_node, value_node in node.value:
-                key = self.convert(key_node, path)
-                if not isinstance(key, str):
-                    raise PolicyError(
-                        f"{key!r} is not a name", source=self.source, line=_line(key_node), key=path
-                    )
-                where = f"{path}.{key}" if path else key
-                if key in out:
-                    raise PolicyError(
-                        f"given twice (first on line {self.lines[where]})",
-                        source=self.source,
-                        line=_line(key_node),
-                        key=where,
-                    )
-                self.lines[where] = _line(key_node)
-                out[key] = self.convert(value_node, where)
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self.convert(v, path) for v in node.value]
-        try:
-            return self.loader.construct_object(node, deep=True)  # a scalar, as YAML types it
-        except (yaml.YAMLError, ValueError) as e:  # "2024-13-01" is a timestamp to YAML
-            shown = node.value if len(node.value) <= 40 else node.value[:40] + "..."
-            reason = getattr(e, "problem", None) or str(e)
-            raise PolicyError(
-                f"{shown!r} is not a value YAML can read: {reason}",
-                source=self.source,
-                line=_line(node),
-                key=path,
-            ) from None
-
-
-def _line(node: yaml.Node) -> int:
-    return node.start_mark.line + 1
-
-
-def _check_size(size: int, source: str) -> None:
-    """Refuse a policy too large to parse quickly (see MAX_POLICY_BYTES)."""
-    if size > MAX_POLICY_BYTES:
-        raise PolicyError(
-            f"the policy is larger than {MAX_POLICY_BYTES // 1024} KB; is this the right file?",
-            source=source,
-        )
-
-
-def load_policy_text(text: str, source: str) -> tuple[dict[str, Any], _Located]:
-    _check_size(len(text), source)
-    loader = _PolicyLoader(text)
-    located = _Located(source, loader)
-    try:
-        node = loader.get_single_node()
-        raw = {} if node is None else located.convert(node, "")
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        problem = getattr(e, "problem", None) or str(e)
-        if not isinstance(e, _NotAllowed):
-            problem = f"not valid YAML: {problem}"
-        raise PolicyError(problem, source=source, line=mark.line + 1 if mark else None) from None
-    finally:
-        loader.dispose()
-    if not isinstance(raw, dict):
-        raise PolicyError("the policy must be a mapping of sections", source=source, line=1)
-    return raw, located
-
-
 def parse_policy(
     raw: Mapping[str, Any],
     *,
     source: str = "c.DS01Spawner.policy",
-    located: _Located | None = None,
+    located: Located | None = None,
     known_types: Iterable[str] | None = None,
 ) -> Policy:
     """Validate a policy mapping; every error names its key (and line, from a file)."""
-    at = located or _Located(source)
+    at = located or Located(source)
     for section in raw:
         if section not in _SECTIONS:
             raise at.error(section, f"unknown section; use {', '.join(_SECTIONS)}")
@@ -424,7 +223,7 @@ def parse_policy(
     return Policy(defaults, groups, users, _retirement(raw.get("retirement"), at), source)
 
 
-def _section(value: Any, key: str, at: _Located) -> dict[str, Any]:
+def _section(value: Any, key: str, at: Located) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -432,9 +231,7 @@ def _section(value: Any, key: str, at: _Located) -> dict[str, Any]:
     return value
 
 
-def _limits(
-    value: Any, key: str, at: _Located, known_types: Iterable[str] | None
-) -> dict[str, Any]:
+def _limits(value: Any, key: str, at: Located, known_types: Iterable[str] | None) -> dict[str, Any]:
     out = {}
     for name, raw in _section(value, key, at).items():
         where = f"{key}.{name}"
@@ -461,7 +258,7 @@ def _limits(
     return out
 
 
-def _retirement(value: Any, at: _Located) -> RetirementSettings:
+def _retirement(value: Any, at: Located) -> RetirementSettings:
     settings = RetirementSettings()
     for name, raw in _section(value, "retirement", at).items():
         where = f"retirement.{name}"
@@ -521,7 +318,7 @@ def load_policy(
     except OSError as e:
         reason = f"cannot read the policy file: {e.strerror or e}"
         raise PolicyError(reason, source=source) from None
-    _check_size(len(data), source)
+    check_size(len(data), source)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .gpus import Holder
-from .limits import Limits, RetirementSettings, format_duration
+from .ledger import Holder
+from .limits import Limits, RetirementSettings
 from .nvml import GpuSlot
 from .statefiles import write_json
+from .units import format_duration
 
 
 @dataclass(frozen=True)

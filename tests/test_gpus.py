@@ -8,16 +8,12 @@ import time
 import pytest
 
 from ds01_spawner import labels
-from ds01_spawner.gpus import (
-    GpuAllocator,
+from ds01_spawner.gpus import GpuAllocator, GpuPolicy, GpuRefusal, GpuRequest, choose
+from ds01_spawner.ledger import (
     GpuHolds,
-    GpuPolicy,
-    GpuRefusal,
-    GpuRequest,
     Hold,
     Holder,
     LedgerSeal,
-    choose,
     gpu_labels,
     gpu_report,
     holders_from_containers,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ds01_spawner.gpus import Holder
+from ds01_spawner.ledger import Holder
 from ds01_spawner.limits import Limits, RetirementSettings
 from ds01_spawner.nvml import GpuSlot
 from ds01_spawner.retirement import (
