@@ -31,11 +31,15 @@ from .hub import BENCH_PROJECT, ds01_config, log_to, plain_config, running_hub, 
 from .isolation import build_isolation
 from .plot import plot
 from .rebuild import rebuild_times
-from .spawn import merge, spawn_series
+from .spawn import NOTICED, merge, spawn_series
 from .storm import footprint_ratios, storm_and_footprint, storm_ratios
 
 HERE = Path(__file__).resolve().parent
 TARGET_START_RATIO = 1.10  # the issue: DS01 spawns within 10% of plain DockerSpawner
+# issue 13: ready the moment the server answers (start()'s own probe), so REST -> ready
+# beats plain DockerSpawner, which waits out the hub's poll backoff
+TARGET_READY_RATIO = 0.85
+TARGET_READY_LAG_S = 0.10
 STORM_USERS, STORM_GPU_USERS, STORM_GPUS = 30, 15, 4
 LABEL = {"plain": "plain DockerSpawner", "ds01": "DS01Spawner (its warm-up builds the image)"}
 STEPS = 6
@@ -177,7 +181,11 @@ def table(r: dict) -> str:
         f"1. Spawn latency, image built: median of {s['n']} (REST start -> ready), after warm-ups",
         f"   {'':24}{'DS01Spawner':>12}{'DockerSpawner':>15}{'ratio':>8}",
         compare("start: REST -> ready", s["ds01"]["start_median_s"], s["plain"]["start_median_s"])
-        + f"   target <= {TARGET_START_RATIO:.2f}: {verdict(s['start_ratio'])}",
+        + f"   target <= {TARGET_READY_RATIO:.2f}: "
+        + verdict(s["start_ratio"], TARGET_READY_RATIO),
+        f"   {'  answers -> ready (lag)':24}{lag(s, 'ds01'):>10.2f} s{lag(s, 'plain'):>13.2f} s"
+        + f"{'':8}   target <= {TARGET_READY_LAG_S:.2f} s: "
+        + verdict(lag(s, "ds01"), TARGET_READY_LAG_S),
         compare(
             "  -> server answers",
             s["ds01"]["to_server_answers_median_s"],
@@ -446,8 +454,14 @@ def spread(seconds: list[float]) -> str:
     return " ".join(f"{x:.2f}" for x in seconds)
 
 
-def verdict(ratio: float) -> str:
-    return "ok" if ratio <= TARGET_START_RATIO else "OVER"
+def verdict(ratio: float, target: float = TARGET_START_RATIO) -> str:
+    return "ok" if ratio <= target else "OVER"
+
+
+def lag(s: dict, spawner: str) -> float:
+    """Median seconds from the server's first answer to the hub calling it ready."""
+    rows = {r["row"]: r[f"{spawner}_s"] for r in s["start_profile"]}
+    return rows.get(NOTICED, float("nan"))
 
 
 def gone(series: dict) -> float:

@@ -12,10 +12,13 @@ from typing import Any
 import docker
 import docker.errors
 
-from .limits import PolicyError, load_policy
+from .compat import config_problems
+from .engine import docker_client
+from .limits import load_policy
+from .policyfile import PolicyError
 from .projects import discover_types
 from .retirement import Notices
-from .spawner import DS01Spawner
+from .settings import SETTINGS_ENV, SHARED_SETTINGS, DS01Settings
 
 ADMIN_SCOPE = "custom:ds01:admin"
 # what the ds01 service's own token may do: restart servers on a rebuilt image,
@@ -26,9 +29,9 @@ SERVICE_SCOPES = ["servers", "list:users", "read:users:activity", "read:users:gr
 def docker_bridge_ip(network: str = "bridge", fallback: str = "172.17.0.1") -> str:
     """The host's address on a Docker network: where containers reach the hub."""
     try:
-        client = docker.from_env(timeout=5)
+        client = docker_client(5)
         try:
-            config = client.networks.get(network).attrs["IPAM"]["Config"]
+            config = client.inspect_network(network)["IPAM"]["Config"]
         finally:
             client.close()
     except (docker.errors.DockerException, KeyError):
@@ -70,6 +73,7 @@ def configure(
     here, so a broken policy file stops the hub at start, naming file, line
     and key.
     """
+    check_config(c)
     check_policy(c)
     network = _get(c.DS01Spawner, "network_name", None) or _get(
         c.DockerSpawner, "network_name", network
@@ -132,6 +136,16 @@ def configure(
     }
 
 
+def check_config(c: Any) -> None:
+    """Stop the hub (SystemExit) on DockerSpawner settings ds01 cannot honour."""
+    problems = config_problems(c)
+    if problems:
+        lines = "\n  ".join(problems)
+        raise SystemExit(
+            f"ds01: the spawner's settings cannot apply; the hub does not start.\n  {lines}"
+        )
+
+
 def check_policy(c: Any) -> None:
     """Stop the hub (SystemExit) on a policy it could not enforce."""
     spawner = c.DS01Spawner
@@ -165,32 +179,6 @@ def retirement_notices(state_dir: str | Callable[[], str], announcement: Any = "
     return render
 
 
-# The DS01Spawner settings the ds01 service must read as the hub does: declared
-# here once; configure(c) hands them over, the service reads them through
-# DS01Spawner's own traits (service/app.py `spawner_settings`).
-SHARED_SETTINGS = (
-    "workspace_root",
-    "workspace_template",
-    "state_dir",
-    "base_image",
-    "build_args",
-    "build_network_mode",
-    "build_cpu_shares",
-    "build_memory_limit",
-    "build_pids_limit",
-    "build_time_limit",
-    "allowed_base_images",
-    "max_concurrent_builds",
-    "max_builds_per_user",
-    "build_timeout",
-    "max_dockerfile_bytes",
-    "policy_file",
-    "policy",
-    "simulated_gpus",
-)
-SETTINGS_ENV = "DS01_SERVICE_SETTINGS"
-
-
 def shared_settings(c: Any) -> dict[str, Any]:
     """The `SHARED_SETTINGS` an admin set, from the hub's final config where the hub runs.
 
@@ -201,13 +189,13 @@ def shared_settings(c: Any) -> dict[str, Any]:
     hub = sys.modules.get("jupyterhub.app")
     if hub is not None and hub.JupyterHub.initialized():
         c = hub.JupyterHub.instance().config
-    spawner = c.DS01Spawner
-    return {name: spawner[name] for name in SHARED_SETTINGS if name in spawner}
+    given = {**(c.get("DS01Settings") or {}), **(c.get("DS01Spawner") or {})}
+    return {name: given[name] for name in SHARED_SETTINGS if name in given}
 
 
 def spawner_setting(c: Any, name: str) -> Any:
     """One of the hub's final DS01Spawner settings, its default where the admin set none."""
-    return shared_settings(c).get(name, DS01Spawner.class_traits()[name].default())
+    return shared_settings(c).get(name, DS01Settings.class_traits()[name].default())
 
 
 def _fill(section: Any, name: str, value: Any) -> None:

@@ -1,11 +1,16 @@
-"""The container request: what a project's server container is made with, as pure functions.
+"""A server's start plan and its container request, as pure functions.
+
+`ContainerPlan` is everything ds01 decided for one server (project, image,
+uid, workspace, GPUs, limits): made once per start, frozen, and saved in the
+hub's state (`to_state` / `from_state` mirror each other).
 
 DockerSpawner assembles `create_container` arguments from its settings (and an
-admin's `extra_create_kwargs` / `extra_host_config`); `harden_request` applies
-ds01's rules last, over all of that, from plain inputs: never root, no
-privilege gain, no capabilities, every ``ds01.*`` label written (and sealed),
-GPUs only from the ledger, the policy's limits. `container_env` is the
-environment the server sees. Tested alone, like KubeSpawner's `make_pod`.
+admin's `extra_create_kwargs` / `extra_host_config`); `harden_request` builds
+the rest of the request from the plan and applies ds01's rules last, over all
+of that: never root, no privilege gain, no capabilities, every ``ds01.*``
+label written (and sealed), GPUs only from the ledger, the policy's limits,
+the workspace mount and the environment the server sees (`container_env`).
+Tested alone, like KubeSpawner's `make_pod`.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from typing import Any
 import docker.types
 
 from . import labels
-from .gpus import gpu_labels
 from .identity import UserIds
+from .ledger import gpu_labels
 from .limits import Limits
 from .nvml import GpuSlot
+from .units import format_size
 
 Seal = Callable[[str, dict[str, str]], str]  # (container name, labels) -> seal
 
@@ -42,6 +48,35 @@ class ContainerPlan:
     gpu_passing: str = "device_requests"  # | "nvidia_runtime" | "env"
     simulated_gpus: bool = False  # simulated GPUs reach the container as variables only
     limits: Limits | None = None
+    workspace: str = ""  # the workspace's path on the host
+    unsaved_packages: tuple[str, ...] = ()  # pip-installed last session, lost at retire
+
+    def to_state(self) -> dict[str, Any]:
+        """What the hub keeps of the plan across its restarts (`from_state` reads it back)."""
+        return {
+            "project": self.project,
+            "type": self.project_type,
+            "workspace": self.workspace,
+            "image": self.image,
+            "uid": self.ids.uid,
+            "gid": self.ids.gid,
+            "ids_source": self.ids.source,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], *, owner: str, server: str) -> ContainerPlan | None:
+        """The plan of a server the hub ran before it restarted (None: nothing usable)."""
+        if not state.get("project") or state.get("uid") is None:
+            return None
+        return cls(
+            owner=owner,
+            server=server,
+            project=state["project"],
+            project_type=state.get("type", ""),
+            image=state.get("image", ""),
+            ids=UserIds(state["uid"], state["gid"], state.get("ids_source", "state")),
+            workspace=state.get("workspace", ""),
+        )
 
 
 def harden_request(
@@ -50,11 +85,12 @@ def harden_request(
     """`kwargs` for docker's create_container with ds01's rules applied over them.
 
     The input is not changed. `seal` signs the ledger labels with the hub's key
-    (gpus.LedgerSeal.seal), so no label an image carries can pass for ours.
+    (ledger.LedgerSeal.seal), so no label an image carries can pass for ours.
     """
     out = copy.deepcopy(kwargs)
     out["user"] = plan.ids.docker_user
     out["working_dir"] = plan.workspace_mount
+    out["environment"] = {**_as_dict(out.get("environment")), **container_env(plan)}
     lab = {
         **(out.get("labels") or {}),
         **labels.project_labels(plan.owner, plan.project, plan.project_type),
@@ -69,6 +105,12 @@ def harden_request(
     out["labels"] = lab
 
     host = out.setdefault("host_config", {})
+    if plan.workspace:
+        # the workspace, and nothing else, at the mount point
+        mount = plan.workspace_mount
+        binds = [b for b in host.get("Binds") or [] if b.split(":")[1:2] != [mount]]
+        host["Binds"] = [*binds, f"{plan.workspace}:{mount}:rw"]
+        out["volumes"] = sorted({*(out.get("volumes") or []), mount})
     host.pop("DeviceRequests", None)  # GPUs come from the ledger, never from config
     if plan.gpus and not plan.simulated_gpus:
         uuids = [s.uuid for s in plan.gpus]
@@ -107,10 +149,40 @@ def limit_settings(limits: Limits | None) -> dict[str, int]:
     return host
 
 
-def container_env(plan: ContainerPlan, unsaved_packages: list[str] = ()) -> dict[str, str]:
-    """The variables ds01 adds to the server's environment."""
+def _as_dict(environment: Any) -> dict[str, str]:
+    """docker's `environment`, given as a dict or as a list of NAME=value."""
+    if isinstance(environment, dict):
+        return dict(environment)
+    return dict(item.split("=", 1) if "=" in item else (item, "") for item in environment or [])
+
+
+def describe_limits(limits: Limits | None) -> str:
+    """The policy's container limits in words, for the spawn page ("" if none)."""
+    if limits is None:
+        return ""
+    shown = [
+        f"{name} {value}"
+        for name, value in (
+            ("CPUs", limits.max_cpus),
+            ("memory", format_size(limits.memory) if limits.memory else None),
+            ("/dev/shm", format_size(limits.shm_size) if limits.shm_size else None),
+            ("processes", limits.pids_limit),
+        )
+        if value is not None
+    ]
+    return f"Limits: {', '.join(shown)}" if shown else ""
+
+
+def container_env(plan: ContainerPlan) -> dict[str, str]:
+    """The variables ds01 sets in the server's environment (over any the config set)."""
     uuids = ",".join(s.uuid for s in plan.gpus)
+    limits = plan.limits or Limits()
+    # as DockerSpawner sets them from mem_limit / cpu_limit, but from the policy
+    sizes = {"MEM_LIMIT": str(limits.memory)} if limits.memory is not None else {}
+    if limits.max_cpus is not None:
+        sizes["CPU_LIMIT"] = str(float(limits.max_cpus))
     return {
+        **sizes,
         "DS01_PROJECT": plan.project,
         "DS01_PROJECT_TYPE": plan.project_type,
         "DS01_IMAGE": plan.image,
@@ -122,5 +194,5 @@ def container_env(plan: ContainerPlan, unsaved_packages: list[str] = ()) -> dict
         "DS01_GPU_INDICES": ",".join(s.index for s in plan.gpus),
         "DS01_GPU_NAMES": ",".join(s.name for s in plan.gpus),
         # what the last session pip-installed and lost: JupyterLab terminals show it
-        "DS01_UNSAVED_PACKAGES": " ".join(unsaved_packages),
+        "DS01_UNSAVED_PACKAGES": " ".join(plan.unsaved_packages),
     }

@@ -209,13 +209,23 @@ class UidAllocator:
 
 
 def resolve_ids(
-    username: str, *, use_system_users: bool, min_system_uid: int, allocator: UidAllocator
+    username: str,
+    *,
+    use_system_users: bool,
+    min_system_uid: int,
+    allocator: UidAllocator,
+    hook: Callable[[], tuple[int, int] | None] | None = None,
 ) -> UserIds:
-    """System account first (when enabled), otherwise a stable allocated uid.
+    """The admin's `hook` first, then the system account (when enabled), else a stable
+    allocated uid.
 
     A hub user whose name matches a service account (``daemon``, ``www-data``,
     uid below `min_system_uid`) is refused rather than run as that account.
     """
+    if hook is not None:
+        ids = hook()
+        if ids is not None:
+            return UserIds(int(ids[0]), int(ids[1]), "hook")
     if use_system_users:
         ids = system_ids(username)
         if ids is not None:

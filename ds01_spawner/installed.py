@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import time
@@ -31,6 +32,7 @@ import requests.exceptions
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+from .engine import docker_client
 from .packages import PackageError, pip_name, validate_pip_spec
 from .statefiles import write_json
 
@@ -215,7 +217,7 @@ async def read_added_packages(
             return None
 
     def from_engine() -> list[str] | None:
-        client = docker.APIClient(version="auto", timeout=timeout, **docker.utils.kwargs_from_env())
+        client = docker_client(timeout)
         try:
             url = client._url("/containers/{0}/changes", container)
             with client._get(url, stream=True) as response:
@@ -260,6 +262,11 @@ class InstalledRecords:
     def _project_path(self, slug: str, project: str) -> Path:
         return self.root / "projects" / slug / f"{project}.json"
 
+    def lost_packages(self, slug: str, project: str) -> list[str]:
+        """What the project's last session pip-installed that its image lacks."""
+        record = self.last_session(slug, project)
+        return list(record["packages"]) if record else []
+
     def last_session(self, slug: str, project: str) -> dict | None:
         """{"packages": [...], "recorded_at": ..., "image_id": ...} or None."""
         return self._read(self._project_path(slug, project))
@@ -289,3 +296,40 @@ class InstalledRecords:
             drop = {pip_name(n) for n in names}
             keep = [p for p in record["packages"] if pip_name(p) not in drop]
         self.record_session(slug, project, record.get("image_id", ""), keep)
+
+
+def unsaved_notice(packages: list[str], user: str, project: str) -> str:
+    """What a start tells the user about packages its last session installed and lost."""
+    shown = ", ".join(packages[:8]) + (" ..." if len(packages) > 8 else "")
+    return (
+        f"Last session you installed packages that are not in the image and are gone "
+        f"now: {shown}. Add them to the image on the ds01 image page "
+        f"(/services/ds01/images/{user}/{project})."
+    )
+
+
+async def record_installed(
+    records: InstalledRecords,
+    *,
+    slug: str,
+    project: str,
+    container: str,
+    inspected: dict,
+    timeout: float,
+    log: logging.Logger,
+) -> list[str] | None:
+    """At retire: record what `container` pip-installed beyond its image (None: unread).
+
+    Read from the container's writable layer, or the engine's list of its file
+    changes, never by running anything in it, before the container is stopped
+    (an auto-removed container's layer goes with it).
+    """
+    name = inspected.get("Name", container).lstrip("/")
+    added = await read_added_packages(container, timeout, inspected.get("GraphDriver"))
+    if added is None:
+        log.info("No file changes for %s: not recording its packages", name)
+        return None
+    records.record_session(slug, project, inspected["Image"], added)
+    if added:
+        log.info("%s installed %s beyond its image", name, added[:20])
+    return added

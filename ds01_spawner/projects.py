@@ -16,10 +16,11 @@ import os
 import re
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import Refusal
 from .identity import SlugRegistry, UserIds
 from .statefiles import write_json
 
@@ -46,6 +47,31 @@ def validate_project_name(name: object) -> str:
             "starting with a letter, without '--' and not ending in '-'"
         )
     return name
+
+
+def suggest_project_name(name: str) -> str:
+    """A valid project name close to `name` (for servers named before ds01's rules)."""
+    folded = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if not folded or not folded[0].isalpha():
+        folded = f"p-{folded}".rstrip("-")
+    return folded[:30].rstrip("-")
+
+
+def check_server_name(server_name: str) -> None:
+    """A named server's name is its project's: refuse (with a valid name) one that cannot be.
+
+    JupyterHub 6 still accepts capitals, '_' or '@' in names of servers made
+    before ds01; the message names the server to start instead.
+    """
+    try:
+        validate_project_name(server_name)
+    except InvalidRequest as e:
+        raise InvalidRequest(
+            f"server {server_name[:40]!r} cannot start: a ds01 server's name is its project's "
+            f"name, and {str(e).removeprefix('invalid ')}. Start a server named "
+            f"{suggest_project_name(server_name)!r} instead (and delete this one); "
+            "nothing was created"
+        ) from None
 
 
 # ---------------------------------------------------------------- project types
@@ -152,6 +178,26 @@ class ProjectStore:
         except FileNotFoundError:
             return None
 
+    def get_own(self, owner: str, name: str) -> Project | None:
+        """`owner`'s record of project `name`, or None if they have none.
+
+        A record under their slug that names another owner (two users once
+        shared a slug, or a forged record) is not theirs: not opened, and not
+        created over, since its workspace and image are the other's (409).
+        """
+        slug = self.slug(owner)
+        project = self.get(slug, name)
+        if project is not None and project.owner != owner:
+            raise Refusal(
+                f"project {name!r} cannot be created: under your slug {slug!r} there is "
+                "already another user's project of that name (two users share the slug). "
+                "Nothing was changed; choose another name, and ask an admin to give the "
+                "two users separate slugs.",
+                status=409,
+                reason="project_clash",
+            )
+        return project
+
     def save(self, slug: str, project: Project) -> None:
         directory = self._dir(slug)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -222,12 +268,14 @@ def parse_user_options(
     existing: Mapping[str, Project],
     default_type: str,
     fallback_project: str,
+    extra_keys: frozenset[str] = frozenset(),
 ) -> ProjectRequest:
     """Validate user_options (from the form or the REST API) into a ProjectRequest.
 
     The project comes from ``project`` (or ``profile``, as stored by an earlier
     spawn), else the server name, else `fallback_project`. On a named server
-    the project must be the server's name.
+    the project must be the server's name. `extra_keys` are the admin's own
+    options (`allowed_user_options`): let through as they are, for their hooks.
     """
     if options is None:
         options = {}
@@ -239,12 +287,15 @@ def parse_user_options(
         raise InvalidRequest("user_options must be plain JSON") from None
     if size > MAX_OPTIONS_BYTES:
         raise InvalidRequest(f"user_options too large ({size} bytes, limit {MAX_OPTIONS_BYTES})")
-    unknown = sorted(set(options) - OPTION_KEYS)
+    unknown = sorted(set(options) - OPTION_KEYS - extra_keys)
     if unknown:
         raise InvalidRequest(
             f"unknown option(s) {', '.join(map(repr, unknown))[:200]}; "
-            f"allowed: {', '.join(sorted(OPTION_KEYS))}"
+            f"allowed: {', '.join(sorted(OPTION_KEYS | extra_keys))[:400]} (an admin adds "
+            "their own with c.DS01Spawner.allowed_user_options)"
         )
+    if server_name:
+        check_server_name(server_name)
     gpus, mig = parse_gpus(options.get("gpus"))
     for key in (OPTION_KEYS - {"gpus"}) & set(options):
         if not isinstance(options[key], str):
@@ -278,8 +329,13 @@ def parse_user_options(
     return ProjectRequest(name, project_type, new=True, gpus=gpus, mig=mig)
 
 
-def options_from_form(formdata: Mapping[str, list[str]]) -> dict[str, str]:
-    """Turn the project picker's form into user_options (validated later, once)."""
+def options_from_form(
+    formdata: Mapping[str, list[str]], extra_keys: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """Turn the project picker's form into user_options (validated later, once).
+
+    Fields named in `extra_keys` (the admin's own form fields) pass as they are.
+    """
 
     def field(key: str) -> str:
         values = formdata.get(key) or [""]
@@ -295,6 +351,8 @@ def options_from_form(formdata: Mapping[str, list[str]]) -> dict[str, str]:
             options["type"] = field("type")
     if choice:
         options["project"] = choice
+    for key in sorted(extra_keys & set(formdata)):
+        options[key] = field(key)
     return options
 
 
@@ -374,3 +432,16 @@ def read_workspace_file(path: Path, max_bytes: int) -> str:
     if len(data) > max_bytes:
         raise WorkspaceError(f"{path.name} is larger than {max_bytes} bytes")
     return data.decode("utf-8", errors="replace")
+
+
+def init_workspace(
+    workspace: Path, ids: UserIds, *, root: str, dockerfile_template: Callable[[], str]
+) -> None:
+    """`project init` on the host: the workspace, owned by `ids`, with a Dockerfile.
+
+    The Dockerfile comes from the project type's template when the workspace is
+    new or has none (a user who deleted theirs gets the template back).
+    """
+    created = prepare_workspace(workspace, ids, root=root)
+    if created or not (workspace / DOCKERFILE).exists():
+        write_new_file(workspace / DOCKERFILE, dockerfile_template(), ids)

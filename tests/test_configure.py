@@ -11,9 +11,13 @@ import pytest
 from traitlets.config import Config, PyFileConfigLoader
 
 from ds01_spawner import DS01Spawner
-from ds01_spawner.configure import SETTINGS_ENV, SHARED_SETTINGS, configure
-from ds01_spawner.service.app import spawner_settings
-from ds01_spawner.service.manager import Settings
+from ds01_spawner.configure import configure
+from ds01_spawner.settings import SETTINGS_ENV, SHARED_SETTINGS, DS01Settings
+
+
+def spawner_settings(environ: dict[str, str]) -> DS01Settings:
+    """The settings as the ds01 service reads them from its environment."""
+    return DS01Settings.from_environ(environ)
 
 
 @pytest.fixture(autouse=True)
@@ -111,11 +115,36 @@ def test_the_service_gets_no_copy_made_at_configure_time():
     assert '"PIP_INDEX_URL"' in service_environment(c)[SETTINGS_ENV]
 
 
-def test_every_shared_setting_is_a_spawner_setting_and_covers_the_services_settings():
+def test_the_shared_settings_are_declared_once_and_the_spawner_inherits_them():
+    own = {n for n, t in DS01Spawner.class_own_traits().items() if t.metadata.get("config")}
+    assert not own & set(SHARED_SETTINGS), "a shared setting is declared again in the spawner"
     assert set(SHARED_SETTINGS) <= set(DS01Spawner.class_trait_names(config=True))
-    # what the image page's manager needs from the spawner
-    for name in ("workspace_root", "workspace_template", "state_dir", "max_dockerfile_bytes"):
-        assert name in SHARED_SETTINGS and name in Settings.__dataclass_fields__
+    for name in ("workspace_root", "state_dir", "max_dockerfile_bytes", "policy_file"):
+        assert name in SHARED_SETTINGS
+
+
+def test_a_setting_under_ds01settings_reaches_the_service_too():
+    c = Config()
+    configure(c)
+    c.DS01Settings.max_dockerfile_bytes = 2048
+    c.DS01Spawner.state_dir = "/lab/state"
+    settings = spawner_settings(service_environment(c))
+    assert (settings.max_dockerfile_bytes, settings.state_dir) == (2048, "/lab/state")
+    assert DS01Spawner(config=c).max_dockerfile_bytes == 2048
+
+
+def test_remove_false_stops_the_hub_at_start_with_the_reason():
+    c = Config()
+    c.DockerSpawner.remove = False
+    with pytest.raises(SystemExit, match="remove=False cannot apply"):
+        configure(c)
+
+
+def test_an_admin_cannot_claim_ds01s_own_option_keys():
+    c = Config()
+    c.DS01Spawner.allowed_user_options = ["cost_center", "image"]
+    with pytest.raises(SystemExit, match="may not name image"):
+        configure(c)
 
 
 def test_the_announcement_reads_the_state_dir_set_after_configure(tmp_path):

@@ -3,7 +3,13 @@
 import pytest
 
 from ds01_spawner import labels
-from ds01_spawner.container import ContainerPlan, container_env, harden_request, limit_settings
+from ds01_spawner.container import (
+    ContainerPlan,
+    container_env,
+    describe_limits,
+    harden_request,
+    limit_settings,
+)
 from ds01_spawner.identity import UserIds
 from ds01_spawner.limits import Limits
 from ds01_spawner.nvml import GpuSlot
@@ -113,8 +119,60 @@ def test_the_policys_limits_win_over_the_config():
 
 
 def test_the_environment_names_the_project_and_its_gpus():
-    env = container_env(plan(gpus=(SLOT,)), ["peft==0.13.2"])
+    env = container_env(plan(gpus=(SLOT,), unsaved_packages=("peft==0.13.2",)))
     assert env["DS01_PROJECT"] == "thesis" and env["DS01_IMAGE"] == "ds01-ada/thesis:latest"
     assert env["NVIDIA_VISIBLE_DEVICES"] == env["CUDA_VISIBLE_DEVICES"] == "GPU-aaaa"
     assert env["DS01_UNSAVED_PACKAGES"] == "peft==0.13.2"
     assert container_env(plan())["NVIDIA_VISIBLE_DEVICES"] == "void"
+
+
+def test_the_workspace_and_nothing_else_is_mounted_at_the_mount_point():
+    kwargs = {
+        "name": "c",
+        "volumes": ["/data"],
+        "host_config": {"Binds": ["/srv/other:/workspace:rw", "/srv/data:/data:ro"]},
+    }
+    out = request(kwargs, workspace="/srv/ds01/workspaces/ada/thesis")
+    assert out["host_config"]["Binds"] == [
+        "/srv/data:/data:ro",
+        "/srv/ds01/workspaces/ada/thesis:/workspace:rw",
+    ]
+    assert out["volumes"] == ["/data", "/workspace"]
+
+
+def test_ds01s_variables_win_over_the_configs_and_the_policy_sets_the_limit_variables():
+    limits = Limits(memory=2 * GIB, max_cpus=1.5)
+    kwargs = {"name": "c", "environment": {"NVIDIA_VISIBLE_DEVICES": "all", "LANG": "C.UTF-8"}}
+    env = request(kwargs, limits=limits)["environment"]
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "void" and env["LANG"] == "C.UTF-8"
+    assert (env["MEM_LIMIT"], env["CPU_LIMIT"]) == (str(2 * GIB), "1.5")
+    listed = request({"name": "c", "environment": ["A=1", "DS01_PROJECT=forged"]})["environment"]
+    assert listed["A"] == "1" and listed["DS01_PROJECT"] == "thesis"
+    assert "MEM_LIMIT" not in container_env(plan()), "no policy: DockerSpawner's own settings"
+
+
+def test_the_saved_state_reads_back_as_the_same_plan():
+    saved = plan(workspace="/w/ada/thesis", gpus=(SLOT,), limits=Limits(memory=GIB))
+    again = ContainerPlan.from_state(saved.to_state(), owner="ada", server="thesis")
+    kept = ("owner", "server", "project", "project_type", "image", "ids", "workspace")
+    assert {k: getattr(again, k) for k in kept} == {k: getattr(saved, k) for k in kept}
+    assert again.to_state() == saved.to_state()
+    assert ContainerPlan.from_state({}, owner="ada", server="") is None
+
+
+def test_a_state_written_before_the_start_plan_still_reads():
+    old = {
+        "project": "thesis",
+        "type": "cv",
+        "workspace": "/w",
+        "image": "i",
+        "uid": 20001,
+        "gid": 20001,
+    }
+    again = ContainerPlan.from_state(old, owner="ada", server="thesis")
+    assert again.ids == UserIds(20001, 20001, "state") and again.project_type == "cv"
+
+
+def test_the_limits_are_described_for_the_spawn_page():
+    assert describe_limits(Limits(max_cpus=2, memory=GIB)) == "Limits: CPUs 2, memory 1G"
+    assert describe_limits(None) == describe_limits(Limits()) == ""

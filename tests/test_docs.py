@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ds01_spawner import DS01Spawner
+from ds01_spawner.settings import DS01Settings
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -15,7 +16,11 @@ ARCHITECTURE = (DOCS / "architecture.md").read_text()
 
 
 def test_configuration_page_documents_every_setting():
-    own = [n for n in DS01Spawner.class_traits(config=True) if n in DS01Spawner.__dict__]
+    own = [
+        n
+        for n in DS01Spawner.class_traits(config=True)
+        if n in DS01Spawner.__dict__ or n in DS01Settings.__dict__
+    ]
     assert own, "DS01Spawner has settings"
     missing = [n for n in own if f"`c.DS01Spawner.{n}`" not in CONFIGURATION]
     assert missing == [], f"run scripts/config-reference, update docs/configuration.md: {missing}"

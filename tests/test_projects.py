@@ -18,6 +18,7 @@ from ds01_spawner.projects import (
     parse_user_options,
     prepare_workspace,
     read_workspace_file,
+    suggest_project_name,
     validate_project_name,
     workspace_path,
     write_new_file,
@@ -73,7 +74,7 @@ def test_admin_type_list_keeps_order_and_rejects_unknown():
         discover_types(REPO_TYPES, ["base", "quantum"])
 
 
-def parse(options, server_name="", existing=None, fallback="default"):
+def parse(options, server_name="", existing=None, fallback="default", extra=frozenset()):
     return parse_user_options(
         options,
         server_name=server_name,
@@ -81,6 +82,7 @@ def parse(options, server_name="", existing=None, fallback="default"):
         existing=existing or {},
         default_type="base",
         fallback_project=fallback,
+        extra_keys=extra,
     )
 
 
@@ -326,3 +328,39 @@ def test_existing_records_keep_their_owners_slug(tmp_path):
     assert store.slug(fold) == twin
     assert [p.name for p in store.list_owned(fold)] == ["thesis"]
     assert store.list_owned(twin) == []
+
+
+def test_an_admins_declared_option_keys_pass_and_others_name_the_setting():
+    r = parse({"project": "thesis", "cost_center": {"code": 7}}, extra=frozenset({"cost_center"}))
+    assert r.name == "thesis"
+    with pytest.raises(InvalidRequest, match="allowed_user_options") as e:
+        parse({"project": "thesis", "cost_center": "x"})
+    assert "'cost_center'" in str(e.value)
+
+
+def test_the_form_passes_the_admins_own_fields_and_only_those():
+    form = {"project": ["thesis"], "cost_center": [" 42 "], "sneaky": ["x"]}
+    assert options_from_form(form, frozenset({"cost_center"})) == {
+        "project": "thesis",
+        "cost_center": "42",
+    }
+
+
+@pytest.mark.parametrize(
+    "server, suggested",
+    [
+        ("My_Project", "my-project"),
+        ("alice@lab", "alice-lab"),
+        ("2024_run", "p-2024-run"),
+        ("Ünï", "n"),
+        ("X" * 40, "x" * 30),
+    ],
+)
+def test_a_server_named_before_ds01s_rules_is_refused_with_a_name_to_use(server, suggested):
+    assert suggest_project_name(server) == suggested
+    validate_project_name(suggested)
+    with pytest.raises(InvalidRequest) as e:
+        parse({}, server_name=server)
+    message = str(e.value)
+    assert f"Start a server named {suggested!r} instead" in message
+    assert "nothing was created" in message

@@ -11,10 +11,13 @@ from dataclasses import replace
 
 import docker
 import pytest
+from traitlets.config import Config
 
-from ds01_spawner import DS01Spawner
+from ds01_spawner.builds import ImageBuilder
+from ds01_spawner.engine import docker_client
 from ds01_spawner.identity import user_slug
-from ds01_spawner.images import BuildError, BuildSpec, ImageBuilder, default_client
+from ds01_spawner.images import BuildError, BuildSpec
+from ds01_spawner.settings import DS01Settings
 from tests.conftest import BASE_IMAGE
 
 from .conftest import exec_in
@@ -41,7 +44,7 @@ def spec(repo: str, body: str, tag: str = "latest") -> BuildSpec:
 
 
 async def test_failed_rebuild_keeps_latest_and_success_keeps_previous(engine, repo):
-    builder = ImageBuilder(2, lambda: default_client(600))
+    builder = ImageBuilder(2, lambda: docker_client(600))
     first = await builder.build(spec(repo, "RUN echo one > /v")).wait()
 
     with pytest.raises(BuildError) as info:
@@ -61,7 +64,7 @@ async def test_builds_run_with_a_lower_cpu_weight(engine, repo):
         "cat /sys/fs/cgroup/cpu/cpu.shares 2>/dev/null || cat /sys/fs/cgroup/cpu,cpuacct/"
         "cpu.shares 2>/dev/null || cat /sys/fs/cgroup/cpu.weight"
     )
-    builder = ImageBuilder(1, lambda: default_client(600))
+    builder = ImageBuilder(1, lambda: docker_client(600))
     weights = {}
     for shares in (0, 256):
         s = spec(repo, f"RUN echo {shares} {uuid.uuid4().hex} && ({read}) > /weight", str(shares))
@@ -73,7 +76,7 @@ async def test_builds_run_with_a_lower_cpu_weight(engine, repo):
 
 
 async def test_one_build_per_image_and_a_limit_overall(engine, repo):
-    builder = ImageBuilder(1, lambda: default_client(600))
+    builder = ImageBuilder(1, lambda: docker_client(600))
     slow = builder.build(spec(repo, "RUN sleep 3"))
     assert builder.build(spec(repo, "RUN sleep 3")) is slow, "second ask follows the running build"
     queued = builder.build(spec(repo, "RUN echo queued", tag="other"))
@@ -126,8 +129,9 @@ async def test_a_long_build_does_not_hold_up_another_users_spawn_and_stop(hub, e
     _, ids = h.seed_workspace(slow, "heavy", dockerfile)
     try:
         slow_start = asyncio.ensure_future(h.start(slow, "heavy", timeout=240))
-        state_dir = h.app.config.DS01Spawner.state_dir
-        builder = next(b for key, b in DS01Spawner._builders.items() if key[0] == state_dir)
+        # the hub's build pool: one per process and settings, as the spawners share it
+        shared = Config({"DS01Settings": h.app.config.DS01Spawner})
+        builder = DS01Settings(config=shared).builder
         await wait_until(
             lambda: any(b.spec.image.endswith("/heavy:latest") for b in builder.running())
         )

@@ -160,12 +160,10 @@ async def test_gpu_passing_builds_the_right_container_request(hub, monkeypatch, 
     from ds01_spawner.projects import Project
 
     (slot,) = NvmlInventory().read()
-    spawner._ids, spawner._project, spawner._gpus = (
-        UserIds(30001, 30001, "test"),
-        Project(user, "p", "base", 0),
-        [slot],
+    spawner.plan = spawner.start_plan(
+        Project(user, "p", "base", 0), "img", UserIds(30001, 30001, "test"), "", gpus=[slot]
     )
-    kwargs = spawner._harden({"host_config": {"DeviceRequests": ["from config"]}})
+    kwargs = spawner.container_request({"host_config": {"DeviceRequests": ["from config"]}})
     host = kwargs["host_config"]
     assert {"DeviceRequests", "Runtime"} & set(host) == expect
     if passing == "device_requests":
