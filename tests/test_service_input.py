@@ -1,5 +1,6 @@
 """Hostile input at the image-update service's edges: hub API paths built from
-user names, JSON bodies, and package edits that must not stall the event loop."""
+user names, JSON bodies, package edits that must not stall the event loop, the
+page's rules, and refusals that reach the client with their own status."""
 
 from __future__ import annotations
 
@@ -8,30 +9,34 @@ import json
 import os
 import time
 from collections.abc import Awaitable
+from types import SimpleNamespace
 from typing import Any
 
 import docker
 import pytest
-from tornado import web
+from tornado import httpserver, web
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from tornado.testing import bind_unused_port
 
 from ds01_spawner.dockerfile import ManagedPackages, render_managed
-from ds01_spawner.images import ImageBuilder
+from ds01_spawner.errors import Refusal
+from ds01_spawner.ledger import Holder
+from ds01_spawner.limits import PolicyStore
+from ds01_spawner.nvml import GpuSlot
 from ds01_spawner.projects import Project
-from ds01_spawner.service import manager as manager_module
+from ds01_spawner.service import image_manager as manager_module
 from ds01_spawner.service.base import (
     MAX_BODY_BYTES,
     MAX_JSON_CONTAINERS,
     MAX_JSON_DEPTH,
+    BaseHandler,
     json_shape_problem,
     parse_json_object,
 )
-from ds01_spawner.service.manager import (
-    ImageManager,
-    ProjectError,
-    Settings,
-    server_path,
-    user_path,
-)
+from ds01_spawner.service.hub_api import HubClient, server_path, user_path
+from ds01_spawner.service.image_manager import ImageManager, package_edit
+from ds01_spawner.service.retirer import Retirer
+from ds01_spawner.settings import DS01Settings
 
 # ---------------------------------------------------------------- hub API paths
 
@@ -149,12 +154,12 @@ def test_reading_a_256_kb_body_is_quick(body):
 def manager(tmp_path, monkeypatch) -> ImageManager:
     # ImageManager makes an APIClient, which asks the engine its version; edits never use it
     monkeypatch.setattr(docker, "APIClient", lambda **kwargs: None)
-    settings = Settings(
+    settings = DS01Settings(
         workspace_root=str(tmp_path / "workspaces"),
         workspace_template="{workspace_root}/{user}/{project}",
         state_dir=str(tmp_path / "state"),
     )
-    return ImageManager(settings, ImageBuilder(1, lambda: None), hub=None)
+    return ImageManager(settings, HubClient("http://127.0.0.1:1/hub/api", ""))
 
 
 @pytest.fixture
@@ -186,7 +191,7 @@ async def max_loop_gap(work: Awaitable[Any]) -> tuple[float, Any]:
     await asyncio.sleep(0.01)
     try:
         outcome: Any = await work
-    except ProjectError as e:
+    except Refusal as e:
         outcome = e
     done.set()
     await task
@@ -208,7 +213,7 @@ HUGE_BODIES = {
 async def test_a_huge_body_leaves_the_event_loop_responsive(manager, project, body):
     gap, outcome = await max_loop_gap(manager.update_packages(project, **body))
     assert gap < 0.2, f"the event loop stalled {gap * 1000:.0f} ms"
-    if isinstance(outcome, ProjectError):
+    if isinstance(outcome, Refusal):
         assert outcome.status == 400 and outcome.message
 
 
@@ -232,3 +237,135 @@ async def test_concurrent_edits_of_one_project_all_land(manager, project):
     await asyncio.gather(*(manager.update_packages(project, add_pip=[n]) for n in names))
     final = await manager.update_packages(project)
     assert sorted(final.pip) == sorted(names)
+
+
+# ---------------------------------------------------------------- the page's rules
+
+
+async def test_only_admins_delete_images(manager, project):
+    with pytest.raises(Refusal) as e:
+        await manager.delete(project, by_admin=False)
+    assert e.value.status == 403
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        ({"requirements": ["numpy"]}, "requirements must be text"),
+        ({"add_pip": [1, 2]}, "lists of strings"),
+        ({"remove_apt": {"vim": 1}}, "lists of strings"),
+    ],
+)
+def test_a_package_edit_of_the_wrong_shape_is_a_400(args, says):
+    with pytest.raises(Refusal, match=says) as e:
+        package_edit(args)
+    assert e.value.status == 400
+
+
+def test_a_form_textarea_is_read_as_lines():
+    edit = package_edit({"add_pip": "numpy\n\n  pandas  \n", "requirements": None})
+    assert edit["add_pip"] == ["numpy", "pandas"] and edit["requirements"] == ""
+
+
+async def test_an_unknown_action_is_a_404(manager, project):
+    with pytest.raises(Refusal) as e:
+        await manager.act(project, "explode", {}, by_admin=True)
+    assert e.value.status == 404
+
+
+async def test_a_rebuild_while_one_runs_follows_it(manager, project, monkeypatch):
+    running = SimpleNamespace(done=asyncio.Event(), spec=SimpleNamespace(image="ds01-alice/x"))
+    monkeypatch.setattr(manager, "current_build", lambda project: running)
+    (manager._workspace(project) / "Dockerfile").unlink()  # not read again
+    result = await manager.act(project, "rebuild", {"nocache": "on"}, by_admin=False)
+    assert result["message"] == "A build of this image is already running."
+
+
+# ---------------------------------------------------------------- refusals over HTTP
+
+
+class Refuses(BaseHandler):
+    def get_current_user(self) -> dict[str, Any]:
+        return {"name": "alice", "scopes": []}
+
+    async def get(self) -> None:
+        raise Refusal("stop the project's server <first>", status=409)
+
+
+async def fetch(path: str) -> HTTPResponse:
+    app = web.Application([(r"/p/(?:api/)?refused", Refuses)], ds01=SimpleNamespace(prefix="/p/"))
+    sock, port = bind_unused_port()
+    server = httpserver.HTTPServer(app)
+    server.add_sockets([sock])
+    try:
+        return await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}{path}", raise_error=False)
+    finally:
+        server.stop()
+
+
+async def test_a_refusal_is_its_own_status_as_json_under_api():
+    r = await fetch("/p/api/refused")
+    assert r.code == 409
+    assert json.loads(r.body) == {"status": 409, "message": "stop the project's server <first>"}
+
+
+async def test_a_refusal_is_its_own_status_on_a_page_escaped():
+    r = await fetch("/p/refused")
+    assert r.code == 409 and b"&lt;first&gt;" in r.body and b"<first>" not in r.body
+    assert r.headers["X-Frame-Options"] == "DENY"
+
+
+# ---------------------------------------------------------------- the limits page's data
+
+
+@pytest.fixture
+def retirer(tmp_path, monkeypatch) -> Retirer:
+    monkeypatch.setattr(docker, "APIClient", lambda **kwargs: None)
+    return Retirer(
+        HubClient("http://127.0.0.1:1/hub/api", ""), PolicyStore(""), None, str(tmp_path)
+    )
+
+
+@pytest.fixture
+def surveys(retirer, monkeypatch) -> list[float]:
+    """alice runs a server on a busy GPU; the list grows by one at each survey."""
+    seen: list[float] = []
+
+    async def hub_users() -> list[dict[str, Any]]:
+        seen.append(time.time())
+        started = {"ready": True, "started": "2024-01-01T00:00:00Z"}
+        return [{"name": "alice", "servers": {"": started}}]
+
+    async def containers() -> dict:
+        return {}
+
+    async def gpu_facts() -> tuple:
+        slot = GpuSlot("GPU-1", "0", "A100", 80, 40, utilization=99)
+        return [slot], 1.0, {("alice", ""): [Holder("GPU-1", "alice", "p", "", "")]}
+
+    for fake in (hub_users, containers, gpu_facts):
+        monkeypatch.setattr(retirer, fake.__name__, fake)
+    return seen
+
+
+async def test_before_the_first_check_a_page_view_surveys_and_records_nothing(retirer, surveys):
+    (view,) = (await retirer.latest()).servers
+    assert view.facts.gpu_busy_at is not None and len(surveys) == 1
+    assert retirer.last is None and retirer.gpu_busy_at == {}, "the loop's bookkeeping"
+
+
+async def test_page_views_share_one_survey_and_leave_the_loops_record_alone(retirer, surveys):
+    now = [1000.0]
+    retirer.clock = lambda: now[0]
+    first = await retirer.latest()
+    now[0] += 1.5
+    assert await retirer.latest() is first and len(surveys) == 1, "a burst costs one survey"
+    now[0] += 1.0
+    assert await retirer.latest() is not first and len(surveys) == 2, "then it is fresh again"
+    assert retirer.last is None and retirer.gpu_busy_at == {}, "the loop's bookkeeping"
+
+
+async def test_a_hub_call_without_a_token_is_a_503():
+    with pytest.raises(Refusal) as e:
+        await HubClient("http://127.0.0.1:1/hub/api", "").call("GET", "users")
+    assert e.value.status == 503

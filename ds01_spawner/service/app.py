@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,39 +16,29 @@ from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from jupyterhub.utils import url_path_join
 from tornado import httpserver, ioloop, web
 from traitlets import Bool, Integer, Unicode, default
-from traitlets.config import Application, Config
+from traitlets.config import Application
 
 from .. import labels
-from ..configure import ADMIN_SCOPE, SETTINGS_ENV, SHARED_SETTINGS
-from ..gpus import gpu_allocator
-from ..images import BuildRecords, ImageBuilder, default_client
-from ..limits import PolicyStore
-from ..spawner import DS01Spawner
+from ..configure import ADMIN_SCOPE
+from ..settings import DS01Settings
 from .base import MAX_BODY_BYTES
-from .gpus import GpuHandler
-from .limits import LimitsHandler, PolicyReloadHandler
-from .manager import HubClient, ImageManager, Settings
-from .projects import BuildEventsHandler, ProjectActionHandler, ProjectHandler, ProjectListHandler
+from .gpu_page import GpuHandler
+from .hub_api import HubClient
+from .image_manager import ACTION_FIELDS, ImageManager
+from .image_page import (
+    BuildEventsHandler,
+    ProjectActionHandler,
+    ProjectHandler,
+    ProjectListHandler,
+)
+from .limits_page import LimitsHandler, PolicyReloadHandler
 from .retirer import Retirer
 
 BIND_RETRY_SECONDS = 10  # how long a port held by an exiting service is waited for
 
 
-def spawner_settings(environ: Mapping[str, str] = os.environ) -> DS01Spawner:
-    """The hub's DS01Spawner settings, read through DS01Spawner's own traits.
-
-    configure(c) hands the hub's final values of SHARED_SETTINGS over in
-    $DS01_SERVICE_SETTINGS when the hub starts the service; what the admin left
-    unset has DS01Spawner's default here as in the hub. The instance only holds
-    settings: it never spawns anything.
-    """
-    given = json.loads(environ.get(SETTINGS_ENV) or "{}")
-    shared = {name: given[name] for name in SHARED_SETTINGS if name in given}
-    return DS01Spawner(config=Config({"DS01Spawner": shared}))
-
-
 class DS01Service(Application):
-    """The ds01 service: its own settings here, the spawner's from the hub (`spawner_settings`).
+    """The ds01 service: its own settings here, the shared ones from the hub (`DS01Settings`).
 
     It ends within a second or two of SIGTERM/SIGINT, or of its hub's death
     (JupyterHub starts it in a session of its own, so a SIGKILLed hub would
@@ -87,57 +75,36 @@ class DS01Service(Application):
 
     def initialize(self, argv: list[str] | None = None) -> None:
         super().initialize(argv)
-        self.spawner = spawner_settings()
+        self.shared_settings = DS01Settings.from_environ(os.environ)
+        self.hub = HubClient.from_environ(os.environ)
+        self.builder = self.shared_settings.builder
         self.server: httpserver.HTTPServer | None = None
         self._parent = os.getppid()
 
     def make_app(self) -> web.Application:
+        """The routes, and the objects every handler shares: one hub client, one image
+        manager, one retirer, over the hub's settings."""
         prefix = self.prefix
-        hub_auth = HubOAuth(api_token=os.environ.get("JUPYTERHUB_API_TOKEN", ""), cache_max_age=60)
+        hub = self.hub
+        shared = self.shared_settings
+        hub_auth = HubOAuth(api_url=hub.api_url, api_token=hub.token, cache_max_age=60)
         project = r"(?P<owner>[^/]+)/(?P<name>[a-z][a-z0-9-]{0,29})"
+        actions = "|".join(ACTION_FIELDS)
         templates = Environment(
             loader=FileSystemLoader(Path(__file__).parent / "templates"),
             autoescape=select_autoescape(),
         )
-        spawner = self.spawner
-        timeout = spawner.build_timeout
-        self.builder = builder = ImageBuilder(
-            spawner.max_concurrent_builds,
-            lambda: default_client(timeout),
-            BuildRecords(spawner.state_dir),
-            max_per_user=spawner.max_builds_per_user,
-        )
-        token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
-        hub = HubClient(os.environ["JUPYTERHUB_API_URL"], token) if token else None
-        manager = ImageManager(
-            Settings(
-                workspace_root=spawner.workspace_root,
-                workspace_template=spawner.workspace_template,
-                state_dir=spawner.state_dir,
-                build=spawner.build_settings,  # the hub's builds, the same way
-                max_dockerfile_bytes=spawner.max_dockerfile_bytes,
-                allow_url_packages=self.allow_url_packages,
-            ),
-            builder,
-            hub,
-        )
-        allocator = gpu_allocator(spawner.simulated_gpus, spawner.state_dir)
-        self.retirer = Retirer(
-            hub or HubClient(os.environ.get("JUPYTERHUB_API_URL", "http://127.0.0.1:8081"), ""),
-            PolicyStore(spawner.policy_file, spawner.policy),
-            allocator,
-            spawner.state_dir,
-        )
+        self.retirer = Retirer(hub, shared.policy_store, shared.gpu_allocator, shared.state_dir)
         settings = {
-            "manager": manager,
+            "manager": ImageManager(shared, hub, allow_url_packages=self.allow_url_packages),
             "retirer": self.retirer,
-            "state_dir": spawner.state_dir,
+            "gpu_holds": shared.gpu_holds,
             "hub_auth": hub_auth,
             "cookie_secret": os.urandom(32),
             "xsrf_cookies": True,
             "ds01": self,
             "templates": templates,
-            "allocator": allocator,
+            "allocator": shared.gpu_allocator,
             "hub_base_url": os.environ.get("JUPYTERHUB_BASE_URL", "/"),
         }
         return web.Application(
@@ -146,10 +113,7 @@ class DS01Service(Application):
                 (url_path_join(prefix, "api/images"), ProjectListHandler),
                 (url_path_join(prefix, f"(?:api/)?images/{project}"), ProjectHandler),
                 (
-                    url_path_join(
-                        prefix,
-                        f"(?:api/)?images/{project}/(?P<action>packages|rebuild|rollback|restart|delete)",
-                    ),
+                    url_path_join(prefix, f"(?:api/)?images/{project}/(?P<action>{actions})"),
                     ProjectActionHandler,
                 ),
                 (url_path_join(prefix, f"(?:api/)?images/{project}/events"), BuildEventsHandler),
@@ -169,10 +133,11 @@ class DS01Service(Application):
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
         ioloop.PeriodicCallback(self.stop_without_hub, 1000).start()
-        if self.retire_by_policy and self.retirer.hub.token:
+        if self.retire_by_policy and self.hub.token:
             ioloop.IOLoop.current().add_callback(self.retirer.start)
             self.log.info(
-                "Retiring servers by the policy of %s", self.spawner.policy_file or "config"
+                "Retiring servers by the policy of %s",
+                self.shared_settings.policy_file or "config",
             )
         ioloop.IOLoop.current().start()
 

@@ -1,12 +1,19 @@
-"""The service's base handler: hub sign-in, the admin scope, pages and JSON errors."""
+"""The service's base handler: hub sign-in, the admin scope, pages and JSON errors.
+
+A `Refusal` raised anywhere below a handler becomes its own HTTP status and
+message here, once: JSON under ``api/``, a short page elsewhere.
+"""
 
 from __future__ import annotations
 
 import json
+from types import TracebackType
 from typing import Any
 
 from jupyterhub.services.auth import HubOAuthenticated, check_scopes
 from tornado import web
+
+from ..errors import Refusal
 
 MAX_BODY_BYTES = 256 * 1024  # a requirements.txt of thousands of lines still fits
 # Our bodies are flat objects of strings and lists of strings. Bounding their
@@ -146,9 +153,24 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
             )
         )
 
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(value, Refusal):  # logged as the HTTPError it stands for, no traceback
+            value = web.HTTPError(value.status, "%s", value.message)
+            typ, tb = web.HTTPError, None
+        super().log_exception(typ, value, tb)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None))[1]
-        message = getattr(exc, "log_message", None) or self._reason
+        if isinstance(exc, Refusal):  # tornado sent a 500: the refusal says which status
+            status_code, message = exc.status, exc.message
+            self.set_status(status_code)
+        else:
+            message = getattr(exc, "log_message", None) or self._reason
         if self.is_api:
             self.write_json({"status": status_code, "message": message}, status_code)
         else:

@@ -16,16 +16,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-import docker
-
 from .. import labels
-from ..gpus import GpuAllocator, Holder
-from ..limits import Limits, Policy, PolicyError, PolicyStore
+from ..engine import docker_client
+from ..errors import Refusal
+from ..gpus import GpuAllocator
+from ..ledger import Holder
+from ..limits import Limits, Policy, PolicyStore
 from ..nvml import GpuSlot, GpuUnavailable
+from ..policyfile import PolicyError
 from ..retirement import (
     Notices,
     Retirement,
@@ -35,7 +37,7 @@ from ..retirement import (
     gpu_share,
     judge,
 )
-from .manager import HubClient, server_path
+from .hub_api import HubClient, server_path
 
 log = logging.getLogger("ds01.retirer")
 
@@ -60,7 +62,7 @@ class ServerView:
 
 @dataclass
 class Snapshot:
-    """Everything one check saw; the limits page renders the latest."""
+    """Everything one check saw; the limits page renders the latest (`Retirer.latest`)."""
 
     at: float
     servers: list[ServerView] = field(default_factory=list)
@@ -86,8 +88,25 @@ class Retirer:
         self.gpu_busy_at: dict[tuple[str, str], float] = {}
         self._warned: set[tuple[tuple[str, str], str]] = set()
         self.last: Snapshot | None = None
-        self._client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+        self._page_snapshot: Snapshot | None = None  # the limits page's own, see latest()
+        self._client = docker_client()
         self._task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------ the policy
+
+    def policy(self) -> Policy:
+        """The lab policy in force; a 503 while there is none: nothing can be judged."""
+        try:
+            return self.policies.current()
+        except PolicyError as e:
+            raise Refusal(f"no lab policy in force: {e}", status=503) from None
+
+    def reload_policy(self) -> Policy:
+        """Re-read the policy file now; a broken file is refused and the old policy stays."""
+        try:
+            return self.policies.reload()
+        except PolicyError as e:
+            raise Refusal(f"policy not reloaded, the previous one stays: {e}") from None
 
     # ------------------------------------------------------------ facts
 
@@ -133,7 +152,8 @@ class Retirer:
     # ------------------------------------------------------------ one check
 
     async def survey(self) -> Snapshot:
-        """Every running server with its user's limits and verdict; nothing is acted on."""
+        """Every running server with its user's limits and verdict; nothing is acted on,
+        nothing recorded (`check` does both)."""
         policy = self.policies.current()
         now = self.clock()
         users = await self.hub_users()
@@ -166,6 +186,14 @@ class Retirer:
                 )
         return snapshot
 
+    async def latest(self, max_age: float = 2.0) -> Snapshot:
+        """A survey for the limits page, at most `max_age` seconds old: a burst of page
+        views costs one survey, and nothing the retirement loop keeps is touched."""
+        cached = self._page_snapshot
+        if cached is None or self.clock() - cached.at > max_age:
+            self._page_snapshot = cached = await self.survey()
+        return cached
+
     async def check(self) -> Snapshot:
         """Judge every running server once; warn and retire as the policy says."""
         snapshot = await self.survey()
@@ -174,6 +202,8 @@ class Retirer:
         running = {(v.facts.user, v.facts.server) for v in snapshot.servers}
         for view in snapshot.servers:
             key = (view.facts.user, view.facts.server)
+            if view.facts.gpu_busy_at is not None:
+                self.gpu_busy_at[key] = view.facts.gpu_busy_at
             verdict = view.verdict
             if verdict.action == "warn":
                 if (key, verdict.reason) not in self._warned:  # log once, show every check
@@ -196,7 +226,9 @@ class Retirer:
             del self.gpu_busy_at[gone]
         self._add_recent_retirements(warnings, running, now)
         self.notices.write(warnings)
-        self.last = snapshot
+        # what the limits page shows until the next check: the servers still running
+        kept = [v for v in snapshot.servers if (v.facts.user, v.facts.server) in running]
+        self.last = replace(snapshot, servers=kept)
         return snapshot
 
     def _view(
@@ -211,10 +243,8 @@ class Retirer:
         share: float,
         now: float,
     ) -> ServerView:
-        key = (user["name"], name)
         gpus = tuple(h.uuid for h in holders)
-        if busy.intersection(gpus):
-            self.gpu_busy_at[key] = now
+        gpu_busy_at = now if busy.intersection(gpus) else self.gpu_busy_at.get((user["name"], name))
         options = server.get("user_options") or {}
         facts = ServerFacts(
             user=user["name"],
@@ -223,7 +253,7 @@ class Retirer:
             started=parse_time(server.get("started")) or now,
             last_activity=parse_time(server.get("last_activity")),
             gpus=gpus,
-            gpu_busy_at=self.gpu_busy_at.get(key),
+            gpu_busy_at=gpu_busy_at,
         )
         limits = policy.resolve(user["name"], user.get("groups") or [])
         verdict = judge(limits, policy.retirement, facts, share, now)

@@ -10,8 +10,9 @@ import pytest
 import requests
 
 from ds01_spawner import labels
+from ds01_spawner.builds import BuildRecords
 from ds01_spawner.identity import user_slug
-from ds01_spawner.images import BuildRecords, image_ref
+from ds01_spawner.images import image_ref
 
 from .hubprocess import HubProcess, remove_user_objects, seed_workspace
 

@@ -16,10 +16,10 @@ from jupyterhub.utils import url_path_join
 
 from ds01_spawner import gpus, labels
 from ds01_spawner.configure import SERVICE_SCOPES, retirement_notices
-from ds01_spawner.gpus import GpuHolds
+from ds01_spawner.ledger import GpuHolds
 from ds01_spawner.limits import PolicyStore
 from ds01_spawner.retirement import RetirementLog
-from ds01_spawner.service.manager import HubClient
+from ds01_spawner.service.hub_api import HubClient
 from ds01_spawner.service.retirer import Retirer
 from tests.fake_nvml import FakeNvml, a100s
 

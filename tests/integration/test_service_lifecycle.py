@@ -12,8 +12,9 @@ import uuid
 import pytest
 import requests
 
+from ds01_spawner.builds import BuildRecords
 from ds01_spawner.identity import user_slug
-from ds01_spawner.images import BuildRecords, image_ref
+from ds01_spawner.images import image_ref
 
 from .hubprocess import HubProcess, alive, proc_stat, remove_user_objects
 

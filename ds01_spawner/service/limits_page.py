@@ -5,6 +5,10 @@ the user (each value with where it came from), running projects with their
 runtime and idle time left, GPUs held and kept, and recent retirements.
 Admins get every user with a running server, the policy's state (source,
 last reload, a broken edit's error) and a "reload now" action.
+
+Running servers are as the retirer's last check saw them (`Retirer.latest`),
+times left counted on to now: a view costs no survey of the hub, the engine
+and NVML.
 """
 
 from __future__ import annotations
@@ -14,27 +18,28 @@ from typing import Any
 
 from tornado import web
 
-from ..gpus import GpuHolds
-from ..limits import Limits, PolicyError, format_duration
+from ..limits import Limits
+from ..units import format_duration
 from .base import BaseHandler
-from .manager import user_path
+from .hub_api import user_path
 from .retirer import Retirer, ServerView
 
 
-def _left(seconds: float | None) -> str | None:
-    return None if seconds is None else format_duration(max(seconds, 0))
+def _left(seconds: float | None, since: float) -> str | None:
+    """Time left as a check saw it `since` seconds ago, counted on to now."""
+    return None if seconds is None else format_duration(max(seconds - since, 0))
 
 
-def server_row(view: ServerView) -> dict[str, Any]:
+def server_row(view: ServerView, seen_at: float, now: float) -> dict[str, Any]:
     f, v = view.facts, view.verdict
     return {
         "server": f.server,
         "project": f.project,
         "started": f.started,
-        "runtime": format_duration(time.time() - f.started),
-        "runtime_left": _left(v.runtime_left),
-        "idle_left": _left(v.idle_left),
-        "idle_limit": _left(v.idle_limit),
+        "runtime": format_duration(now - f.started),
+        "runtime_left": _left(v.runtime_left, now - seen_at),
+        "idle_left": _left(v.idle_left, now - seen_at),
+        "idle_limit": _left(v.idle_limit, 0),
         "gpus": list(f.gpus),
         "gpu_equivalents": view.gpu_equivalents,
         "status": v.action,
@@ -73,12 +78,10 @@ class LimitsHandler(BaseHandler):
         everyone = self.get_argument("all", "") == "1"
         if everyone:
             self.require_admin()
-        try:
-            policy = self.retirer.policies.current()
-            snapshot = await self.retirer.survey()
-        except PolicyError as e:
-            raise web.HTTPError(503, f"no lab policy in force: {e}") from None
-        holds = GpuHolds(self.settings["state_dir"]).active()
+        policy = self.retirer.policy()
+        snapshot = await self.retirer.latest()
+        now = time.time()
+        holds = self.settings["gpu_holds"].active()
         log = self.retirer.retirements
         names = sorted({v.facts.user for v in snapshot.servers}) if everyone else []
         me = self.current_user["name"]
@@ -92,7 +95,11 @@ class LimitsHandler(BaseHandler):
                     "group": policy.group_for(groups),
                     "limits": limits.describe(),
                     "usage": usage(name, limits, snapshot.servers, holds),
-                    "servers": [server_row(v) for v in snapshot.servers if v.facts.user == name],
+                    "servers": [
+                        server_row(v, snapshot.at, now)
+                        for v in snapshot.servers
+                        if v.facts.user == name
+                    ],
                 }
             )
         data: dict[str, Any] = {
@@ -140,10 +147,7 @@ class PolicyReloadHandler(BaseHandler):
     @web.authenticated
     async def post(self) -> None:
         self.require_admin()
-        try:
-            policy = self.settings["retirer"].policies.reload()
-        except PolicyError as e:
-            raise web.HTTPError(400, f"policy not reloaded, the previous one stays: {e}") from None
+        policy = self.settings["retirer"].reload_policy()
         if self.is_api:
             self.write_json({"source": policy.source, "reloaded": True})
         else:

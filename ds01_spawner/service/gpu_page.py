@@ -6,7 +6,8 @@ from typing import Any
 
 from tornado import web
 
-from ..gpus import GpuAllocator, GpuHolds, gpu_report
+from ..gpus import GpuAllocator
+from ..ledger import GpuHolds, gpu_report
 from ..nvml import GpuUnavailable
 from .base import BaseHandler
 
@@ -27,7 +28,7 @@ class GpuHandler(BaseHandler):
     @web.authenticated
     async def get(self) -> None:
         self.require_admin()
-        view = await gpu_view(self.settings["allocator"], GpuHolds(self.settings["state_dir"]))
+        view = await gpu_view(self.settings["allocator"], self.settings["gpu_holds"])
         if self.is_api:
             self.write_json(view)
         else:

@@ -1,7 +1,8 @@
 """The image-update page: a user's projects, their packages, rebuilds and restarts.
 
 Each page has a JSON twin under ``api/`` (same path, same checks), so the page
-and scripts share one implementation; the handlers only translate HTTP.
+and scripts share one implementation. The handlers only translate HTTP: what
+may be done, and how, is `ImageManager`'s.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from urllib.parse import quote
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from ..images import Build
+from ..builds import Build
+from ..errors import Refusal
+from ..projects import Project
 from .base import BaseHandler
-from .manager import ImageManager, ProjectError
+from .image_manager import ACTION_FIELDS, ImageManager
 
 KEEPALIVE_SECONDS = 25
 
@@ -26,12 +29,9 @@ class ProjectBase(BaseHandler):
     def manager(self) -> ImageManager:
         return self.settings["manager"]
 
-    def project_for(self, owner: str, name: str):
+    def project_for(self, owner: str, name: str) -> Project:
         self.require_owner_or_admin(owner)
-        try:
-            return self.manager.project(owner, name)
-        except ProjectError as e:
-            raise web.HTTPError(e.status, e.message) from None
+        return self.manager.project(owner, name)
 
     def page_url(self, owner: str, name: str, **query: str) -> str:
         url = f"{self.ds01.prefix}images/{quote(owner)}/{name}"
@@ -80,49 +80,29 @@ class ProjectHandler(ProjectBase):
 
     @web.authenticated
     async def delete(self, owner: str, name: str) -> None:
-        self.require_admin()
         project = self.project_for(owner, name)
-        await self._run(self.manager.delete(project))
+        await self.manager.delete(project, by_admin=self.is_admin)
         self.write_json({"deleted": project.name})
-
-    async def _run(self, coro: Any) -> Any:
-        try:
-            return await coro
-        except ProjectError as e:
-            raise web.HTTPError(e.status, e.message) from None
-
-
-def _lines(value: Any) -> list[str]:
-    """A list from JSON, or the lines of a form textarea."""
-    if value is None:
-        return []
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    if isinstance(value, str):
-        return [line.strip() for line in value.splitlines() if line.strip()]
-    raise web.HTTPError(400, "package lists must be lists of strings")
-
-
-_FIELDS = {
-    "packages": frozenset(
-        {"add_pip", "add_apt", "requirements", "remove_pip", "remove_apt", "rebuild"}
-    ),
-    "rebuild": frozenset({"nocache"}),
-}
 
 
 class ProjectActionHandler(ProjectBase):
-    """POST packages | rebuild | rollback | restart | delete, from a form or as JSON."""
+    """POST packages | rebuild | rollback | restart | delete, from a form or as JSON.
+
+    A refused form goes back to the project's page, which shows why.
+    """
 
     @web.authenticated
     async def post(self, owner: str, name: str, action: str) -> None:
         project = self.project_for(owner, name)
-        args = self.json_body(_FIELDS.get(action, frozenset())) if self.is_api else self._form()
+        if self.is_api:
+            args = self.json_body(ACTION_FIELDS.get(action, frozenset()))
+        else:
+            args = {k: self.get_body_argument(k) for k in self.request.body_arguments}
         try:
-            result = await self._act(project, action, args)
-        except ProjectError as e:
+            result = await self.manager.act(project, action, args, by_admin=self.is_admin)
+        except Refusal as e:
             if self.is_api:
-                raise web.HTTPError(e.status, e.message) from None
+                raise
             self.redirect(self.page_url(owner, name, error=e.message))
             return
         if self.is_api:
@@ -131,56 +111,6 @@ class ProjectActionHandler(ProjectBase):
             self.redirect(f"{self.ds01.prefix}?all=1" if self.is_admin else self.ds01.prefix)
         else:
             self.redirect(self.page_url(owner, name, msg=result["message"]))
-
-    def _form(self) -> dict[str, Any]:
-        return {k: self.get_body_argument(k) for k in self.request.body_arguments}
-
-    async def _act(self, project: Any, action: str, args: dict[str, Any]) -> dict[str, Any]:
-        m = self.manager
-        if action == "packages":
-            requirements = args.get("requirements") or ""
-            if not isinstance(requirements, str):
-                raise ProjectError(400, "requirements must be text")
-            packages = await m.update_packages(
-                project,
-                add_pip=_lines(args.get("add_pip")),
-                add_apt=_lines(args.get("add_apt")),
-                requirements=requirements,
-                remove_pip=_lines(args.get("remove_pip")),
-                remove_apt=_lines(args.get("remove_apt")),
-            )
-            result = {
-                "message": "Packages updated: rebuild to use them.",
-                "packages": {"pip": list(packages.pip), "apt": list(packages.apt)},
-            }
-            if args.get("rebuild") in (True, "1", "on", "true"):
-                build = m.current_build(project)
-                if build is None or build.done.is_set():
-                    m.rebuild(project)
-                result["message"] = "Packages added; the image is being rebuilt."
-            return result
-        if action == "rebuild":
-            nocache = args.get("nocache") in (True, "1", "on", "true")
-            build = m.current_build(project)
-            if build is None or build.done.is_set():
-                build = m.rebuild(project, nocache=nocache)
-                return {"message": "Rebuild started.", "image": build.spec.image}
-            return {
-                "message": "A build of this image is already running.",
-                "image": build.spec.image,
-            }
-        if action == "rollback":
-            ids = await m.rollback(project)
-            return {"message": "Rolled back: the previous image is :latest again.", **ids}
-        if action == "restart":
-            servers = await m.restart(project)
-            return {"message": "Restarting on the new image.", "servers": servers}
-        if action == "delete":
-            if not self.is_admin:
-                raise ProjectError(403, "only admins delete images")
-            await m.delete(project)
-            return {"message": "Image deleted."}
-        raise ProjectError(404, f"unknown action {action!r}")
 
 
 class BuildEventsHandler(ProjectBase):

@@ -1,29 +1,29 @@
 """What the image-update page does, without the web: list, edit packages, rebuild, roll back.
 
 Plain async methods over the project records, the workspace Dockerfiles, the
-engine and the hub API; the tornado handlers only translate requests. Every
-error a user can cause is a `ProjectError` with an HTTP status and a message.
+engine and the hub API, and every rule of the page (who may delete, one build
+per image at a time, what a package edit may hold); the tornado handlers in
+`image_page` only translate requests. Every error a user can cause is a
+`Refusal` carrying its HTTP status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import stat
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import docker
 import docker.errors
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpclient import HTTPClientError
 
 from .. import labels
+from ..builds import Build
 from ..dockerfile import (
     DockerfileError,
     ManagedPackages,
@@ -32,11 +32,10 @@ from ..dockerfile import (
     read_managed,
 )
 from ..dockerfile import remove_packages as drop_packages
+from ..engine import docker_client
+from ..errors import Refusal
 from ..identity import UserIds
 from ..images import (
-    Build,
-    BuildSettings,
-    ImageBuilder,
     dockerfile_digest,
     image_ref,
     image_repository,
@@ -53,85 +52,71 @@ from ..projects import (
     DOCKERFILE,
     InvalidRequest,
     Project,
-    ProjectStore,
     WorkspaceError,
     read_workspace_file,
     validate_project_name,
     workspace_path,
     write_new_file,
 )
+from ..settings import DS01Settings
+from .hub_api import HubClient, server_path, user_path
+
+# The page's actions and the fields each takes (a form posts the same names).
+ACTION_FIELDS: dict[str, frozenset[str]] = {
+    "packages": frozenset(
+        {"add_pip", "add_apt", "requirements", "remove_pip", "remove_apt", "rebuild"}
+    ),
+    "rebuild": frozenset({"nocache"}),
+    "rollback": frozenset(),
+    "restart": frozenset(),
+    "delete": frozenset(),
+}
 
 
-class ProjectError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+def is_set(value: Any) -> bool:
+    """A form's checkbox ("on", "1") or a JSON true."""
+    return value in (True, "1", "on", "true")
 
 
-@dataclass(frozen=True)
-class Settings:
-    """What the image page needs: the hub's DS01Spawner settings (service/app.py builds it
-    from `spawner_settings`), and the service's own allow_url_packages."""
-
-    workspace_root: str
-    workspace_template: str
-    state_dir: str
-    build: BuildSettings = field(default_factory=BuildSettings)
-    max_dockerfile_bytes: int = 256 * 1024
-    allow_url_packages: bool = False
+def package_lines(value: Any) -> list[str]:
+    """A list from JSON, or the lines of a form textarea."""
+    if value is None:
+        return []
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    if isinstance(value, str):
+        return [line.strip() for line in value.splitlines() if line.strip()]
+    raise Refusal("package lists must be lists of strings")
 
 
-def user_path(user: str) -> str:
-    """The hub API path of `user`, the name quoted whole.
-
-    A username may hold '#', '?' or '/' (``bob#x``): unquoted, the hub would
-    read a shorter path, or another resource's.
-    """
-    return f"users/{quote(user, safe='')}"
-
-
-def server_path(user: str, server: str) -> str:
-    """The hub API path of one of `user`'s servers; ``""`` is the default server.
-
-    Apart from `user_path` so that no missing server name can turn a DELETE of
-    a server into a DELETE of the user.
-    """
-    if not server:
-        return f"{user_path(user)}/server"
-    return f"{user_path(user)}/servers/{quote(server, safe='')}"
-
-
-class HubClient:
-    """The hub API calls the service makes, with its own token (see configure.py's roles)."""
-
-    def __init__(self, api_url: str, token: str) -> None:
-        self.api_url = api_url.rstrip("/")
-        self.token = token
-
-    async def call(
-        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
-    ) -> Any:
-        request = HTTPRequest(
-            f"{self.api_url}/{path}",
-            method=method,
-            headers={"Authorization": f"token {self.token}", **(headers or {})},
-            body=None if body is None else json.dumps(body),
-            allow_nonstandard_methods=True,
-            request_timeout=60,
-        )
-        response = await AsyncHTTPClient().fetch(request)
-        return json.loads(response.body) if response.body else None
+def package_edit(args: Mapping[str, Any]) -> dict[str, Any]:
+    """A package edit as a form or a JSON body gives it, as `update_packages` takes it."""
+    requirements = args.get("requirements") or ""
+    if not isinstance(requirements, str):
+        raise Refusal("requirements must be text")
+    return {
+        "add_pip": package_lines(args.get("add_pip")),
+        "add_apt": package_lines(args.get("add_apt")),
+        "requirements": requirements,
+        "remove_pip": package_lines(args.get("remove_pip")),
+        "remove_apt": package_lines(args.get("remove_apt")),
+    }
 
 
 class ImageManager:
-    def __init__(self, settings: Settings, builder: ImageBuilder, hub: HubClient | None) -> None:
+    """The image page's work for every user, over the hub's settings (`DS01Settings`):
+    its workspaces, state directory, build settings and build pool."""
+
+    def __init__(
+        self, settings: DS01Settings, hub: HubClient, *, allow_url_packages: bool = False
+    ) -> None:
         self.settings = settings
-        self.builder = builder
+        self.allow_url_packages = allow_url_packages
+        self.builder = settings.builder
         self.hub = hub
-        self.store = ProjectStore(settings.state_dir)
+        self.store = settings.store
         self.installed = InstalledRecords(settings.state_dir)
-        self.client = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+        self.client = docker_client()
         self._edit_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def _docker(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -143,10 +128,10 @@ class ImageManager:
         try:
             validate_project_name(name)
         except InvalidRequest as e:
-            raise ProjectError(404, str(e)) from None
+            raise Refusal(str(e), status=404) from None
         project = self.store.get(self.store.slug(owner), name)
         if project is None or project.owner != owner:
-            raise ProjectError(404, f"{owner} has no project {name!r}")
+            raise Refusal(f"{owner} has no project {name!r}", status=404)
         return project
 
     def owners(self) -> list[str]:
@@ -165,7 +150,7 @@ class ImageManager:
                 project=project.name,
             )
         except WorkspaceError as e:
-            raise ProjectError(409, str(e)) from None
+            raise Refusal(str(e), status=409) from None
 
     def dockerfile(self, project: Project) -> str:
         try:
@@ -173,7 +158,7 @@ class ImageManager:
                 self._workspace(project) / DOCKERFILE, self.settings.max_dockerfile_bytes
             )
         except WorkspaceError as e:
-            raise ProjectError(409, str(e)) from None
+            raise Refusal(str(e), status=409) from None
 
     async def describe(self, project: Project) -> dict[str, Any]:
         """Everything the page shows about one project's image."""
@@ -184,7 +169,7 @@ class ImageManager:
             dockerfile = self.dockerfile(project)
             packages: ManagedPackages | None = read_managed(dockerfile)
             problem = None
-        except (ProjectError, DockerfileError) as e:
+        except (Refusal, DockerfileError) as e:
             dockerfile, packages, problem = None, None, str(e)
         built_from = (latest or {}).get("Config", {}).get("Labels", {}) or {}
         running = []
@@ -232,12 +217,44 @@ class ImageManager:
 
     def build_status(self, project: Project) -> dict | None:
         ref = image_ref(self.store.slug(project.owner), project.name)
-        running = next((b for b in self.builder.running() if b.spec.image == ref), None)
+        running = self.current_build(project)
         if running is not None and not running.done.is_set():
             return {"status": "running", "image": ref}
         return self.builder.records.read(ref) if self.builder.records else None
 
     # ---------------------------------------------------------------- changing
+
+    async def act(
+        self, project: Project, action: str, args: Mapping[str, Any], *, by_admin: bool
+    ) -> dict[str, Any]:
+        """One of the page's actions (`ACTION_FIELDS`), its arguments as a form or a JSON
+        body gave them; the result's "message" is what the page says it did."""
+        if action == "packages":
+            packages = await self.update_packages(project, **package_edit(args))
+            result = {
+                "message": "Packages updated: rebuild to use them.",
+                "packages": {"pip": list(packages.pip), "apt": list(packages.apt)},
+            }
+            if is_set(args.get("rebuild")):
+                self.rebuild_unless_building(project)
+                result["message"] = "Packages added; the image is being rebuilt."
+            return result
+        if action == "rebuild":
+            build, started = self.rebuild_unless_building(
+                project, nocache=is_set(args.get("nocache"))
+            )
+            message = "Rebuild started." if started else "A build of this image is already running."
+            return {"message": message, "image": build.spec.image}
+        if action == "rollback":
+            ids = await self.rollback(project)
+            return {"message": "Rolled back: the previous image is :latest again.", **ids}
+        if action == "restart":
+            servers = await self.restart(project)
+            return {"message": "Restarting on the new image.", "servers": servers}
+        if action == "delete":
+            await self.delete(project, by_admin=by_admin)
+            return {"message": "Image deleted."}
+        raise Refusal(f"unknown action {action!r}", status=404)
 
     async def update_packages(
         self,
@@ -277,7 +294,7 @@ class ImageManager:
         remove_pip: Sequence[str],
         remove_apt: Sequence[str],
     ) -> ManagedPackages:
-        allow = self.settings.allow_url_packages
+        allow = self.allow_url_packages
         try:
             check_package_count(len(add_pip) + len(add_apt), "packages named")
             pip = [validate_pip_spec(s, allow_urls=allow) for s in add_pip if s.strip()]
@@ -290,7 +307,7 @@ class ImageManager:
             if pip or apt:
                 edited = add_packages(edited, pip=pip, apt=apt, allow_urls=allow)
         except (PackageError, DockerfileError) as e:
-            raise ProjectError(400, str(e)) from None
+            raise Refusal(str(e), status=400) from None
         if edited != text:
             self._write_dockerfile(project, edited)
         if pip:  # what is in the image now need not be offered again
@@ -307,29 +324,39 @@ class ImageManager:
         workspace = self._workspace(project)
         st = os.lstat(workspace)
         if not stat.S_ISDIR(st.st_mode):
-            raise ProjectError(409, f"workspace {workspace} is not a directory")
+            raise Refusal(f"workspace {workspace} is not a directory", status=409)
         try:
             owner = UserIds(st.st_uid, st.st_gid, "workspace owner")
         except ValueError:
-            raise ProjectError(409, f"workspace {workspace} is owned by root") from None
+            raise Refusal(f"workspace {workspace} is owned by root", status=409) from None
         tmp = workspace / f".{DOCKERFILE}.ds01-{secrets.token_hex(6)}"
         write_new_file(tmp, text, owner)
         os.replace(tmp, workspace / DOCKERFILE)
 
-    def rebuild(self, project: Project, *, nocache: bool = False) -> Build:
-        return self.builder.build(
-            project_build_spec(
-                self.settings.build,
-                owner=project.owner,
-                slug=self.store.slug(project.owner),
-                project=project.name,
-                project_type=project.type,
-                dockerfile=self.dockerfile(project),
-                nocache=nocache,
-            )
+    def rebuild_unless_building(
+        self, project: Project, *, nocache: bool = False
+    ) -> tuple[Build, bool]:
+        """The build of the project's image already running, else a new one (True).
+
+        One build of an image at a time: a second request follows the first
+        build's log, and its Dockerfile is not read again meanwhile.
+        """
+        build = self.current_build(project)
+        if build is not None and not build.done.is_set():
+            return build, False
+        spec = project_build_spec(
+            self.settings.build_settings,  # the hub's builds, the same way
+            owner=project.owner,
+            slug=self.store.slug(project.owner),
+            project=project.name,
+            project_type=project.type,
+            dockerfile=self.dockerfile(project),
+            nocache=nocache,
         )
+        return self.builder.build(spec), True
 
     def current_build(self, project: Project) -> Build | None:
+        """The project's build this service holds, running or just done; None if none."""
         ref = image_ref(self.store.slug(project.owner), project.name)
         return next((b for b in self.builder.running() if b.spec.image == ref), None)
 
@@ -340,16 +367,19 @@ class ImageManager:
         latest = await self._inspect(f"{repo}:latest")
         previous = await self._inspect(f"{repo}:previous")
         if previous is None:
-            raise ProjectError(409, "there is no previous image to roll back to")
+            raise Refusal("there is no previous image to roll back to", status=409)
         await self._docker("tag", previous["Id"], repo, "latest")
         if latest is not None:
             await self._docker("tag", latest["Id"], repo, "previous")
         return {"latest": previous["Id"], "previous": (latest or {}).get("Id", "")}
 
-    async def delete(self, project: Project) -> None:
-        """Remove the project's images (not its workspace); refused while a server runs it."""
+    async def delete(self, project: Project, *, by_admin: bool) -> None:
+        """Remove the project's images (not its workspace): admins only, and not while
+        a server runs it."""
+        if not by_admin:
+            raise Refusal("only admins delete images", status=403)
         if any(r for r in (await self.describe(project))["running"]):
-            raise ProjectError(409, "stop the project's server before deleting its image")
+            raise Refusal("stop the project's server before deleting its image", status=409)
         repo = image_repository(self.store.slug(project.owner), project.name)
         for tag in ("latest", "previous"):
             with contextlib.suppress(docker.errors.ImageNotFound):
@@ -357,11 +387,9 @@ class ImageManager:
 
     async def restart(self, project: Project) -> list[str]:
         """Retire the project's running server(s) and start them again on the new image."""
-        if self.hub is None:
-            raise ProjectError(503, "the service has no hub API token")
         info = await self.describe(project)
         if not info["running"]:
-            raise ProjectError(409, "no server of this project is running")
+            raise Refusal("no server of this project is running", status=409)
         user = project.owner
         model = await self.hub.call("GET", user_path(user))
         restarted = []
@@ -378,8 +406,8 @@ class ImageManager:
                     await asyncio.sleep(0.5)
                 await self.hub.call("POST", path, {"user_options": options})
             except HTTPClientError as e:
-                raise ProjectError(
-                    502, f"the hub refused to restart {server or 'default'}: {e}"
+                raise Refusal(
+                    f"the hub refused to restart {server or 'default'}: {e}", status=502
                 ) from None
             restarted.append(server)
         return restarted
