@@ -150,7 +150,7 @@ async def rebuild_times(timeout: int = 300) -> dict:
     engine = docker_client(timeout)
 
     async def build(ref: str, dockerfile: str, url: str, nocache: bool = False) -> dict:
-        spec = BuildSpec(  # as the image-update page builds (service/manager.py)
+        spec = BuildSpec(  # as the image-update page builds (service/image_manager.py)
             image=ref,
             dockerfile=dockerfile,
             labels={

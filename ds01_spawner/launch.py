@@ -18,7 +18,10 @@ from .builds import ImageBuilder
 from .errors import Refusal
 from .identity import UserIds
 from .images import BuildError, BuildSpec
-from .projects import WorkspaceError, init_workspace, workspace_path
+from .workspaces import (
+    init_workspace,
+    workspace_path,
+)
 
 Emit = Callable[[int, str], None]  # (percent of the build, message)
 
@@ -32,13 +35,15 @@ def open_workspace(
     ids: UserIds,
     dockerfile: Callable[[], str],
 ) -> Path:
-    """The project's workspace on the host, made (with its Dockerfile) on first use."""
+    """The project's workspace on the host, made (with its Dockerfile) on first use.
+
+    Refused with a `WorkspaceError` (400) where it is not safe to use, with a
+    500 naming the root where the host will not let the hub make it.
+    """
     try:
         workspace = workspace_path(template, root=root, user=slug, project=project)
         init_workspace(workspace, ids, root=root, dockerfile_template=dockerfile)
-    except WorkspaceError as e:
-        raise Refusal(str(e), status=400, reason="workspace") from None
-    except (OSError, KeyError) as e:
+    except (OSError, KeyError) as e:  # a WorkspaceError is a Refusal already
         detail = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) else str(e)
         raise Refusal(
             f"cannot prepare the workspace of {project!r}: {detail}. Ask an admin to check "

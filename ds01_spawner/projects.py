@@ -1,9 +1,9 @@
-"""Projects: names, types, their records and their workspaces.
+"""Projects: names, types, their records, and the requests that name them.
 
 A project is what a researcher works on: a name, a type (which Dockerfile
 template it started from), a workspace directory on the host (the only files
-that persist) and an image built from the Dockerfile in that workspace.
-`DS01Spawner` maps each project to a JupyterHub server.
+that persist; `workspaces.py`) and an image built from the Dockerfile in that
+workspace. `DS01Spawner` maps each project to a JupyterHub server.
 
 Everything here is plain Python with plain inputs; the request validator
 `parse_user_options` is the one gate every entry point (form, REST) passes.
@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import Refusal
-from .identity import SlugRegistry, UserIds
+from .identity import SlugRegistry
 from .statefiles import write_json
 
 # JupyterHub's own rules for named servers, so a project name is a server name.
@@ -354,94 +353,3 @@ def options_from_form(
     for key in sorted(extra_keys & set(formdata)):
         options[key] = field(key)
     return options
-
-
-# ---------------------------------------------------------------- workspaces
-
-
-class WorkspaceError(RuntimeError):
-    """A workspace that cannot be used safely; nothing was changed."""
-
-
-def workspace_path(template: str, *, root: str, user: str, project: str) -> Path:
-    """The host directory of a project's workspace, guaranteed to lie under `root`."""
-    validate_project_name(project)
-    path = Path(os.path.abspath(template.format(workspace_root=root, user=user, project=project)))
-    real_root = Path(os.path.realpath(root))
-    real = Path(os.path.realpath(path))
-    if real_root == real or real_root not in real.parents:
-        raise WorkspaceError(f"workspace {path} is outside the workspace root {root}")
-    return path
-
-
-def prepare_workspace(path: Path, ids: UserIds, *, root: str) -> bool:
-    """Make sure `path` exists and belongs to `ids`; return True if it was created.
-
-    Created before the container starts, because Docker would create a missing
-    bind-mount source owned by root. An existing workspace owned by someone
-    else is refused, never chowned.
-    """
-    Path(root).mkdir(parents=True, exist_ok=True)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-            raise WorkspaceError(f"workspace {path} is not a plain directory")
-        if st.st_uid != ids.uid:
-            raise WorkspaceError(
-                f"workspace {path} is owned by uid {st.st_uid}, not by you (uid {ids.uid}); "
-                "ask an admin to fix its ownership"
-            )
-        return False
-    parent = path.parent
-    if not parent.exists():
-        parent.mkdir(parents=True, mode=0o755)
-    if os.path.islink(parent):
-        raise WorkspaceError(f"workspace parent {parent} is a symbolic link")
-    path.mkdir(mode=0o750)
-    os.chown(path, ids.uid, ids.gid)
-    return True
-
-
-def write_new_file(path: Path, text: str, ids: UserIds) -> None:
-    """Create `path` (never following or replacing anything there) owned by `ids`."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        os.write(fd, text.encode("utf-8"))
-        os.fchown(fd, ids.uid, ids.gid)
-    finally:
-        os.close(fd)
-
-
-def read_workspace_file(path: Path, max_bytes: int) -> str:
-    """Read a file the user controls without following links or reading unbounded data."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise WorkspaceError(f"{path.name} is missing from the workspace {path.parent}") from None
-    except OSError as e:
-        raise WorkspaceError(f"cannot read {path.name} in the workspace: {e.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise WorkspaceError(f"{path.name} in the workspace is not a regular file")
-        data = os.read(fd, max_bytes + 1)
-    finally:
-        os.close(fd)
-    if len(data) > max_bytes:
-        raise WorkspaceError(f"{path.name} is larger than {max_bytes} bytes")
-    return data.decode("utf-8", errors="replace")
-
-
-def init_workspace(
-    workspace: Path, ids: UserIds, *, root: str, dockerfile_template: Callable[[], str]
-) -> None:
-    """`project init` on the host: the workspace, owned by `ids`, with a Dockerfile.
-
-    The Dockerfile comes from the project type's template when the workspace is
-    new or has none (a user who deleted theirs gets the template back).
-    """
-    created = prepare_workspace(workspace, ids, root=root)
-    if created or not (workspace / DOCKERFILE).exists():
-        write_new_file(workspace / DOCKERFILE, dockerfile_template(), ids)

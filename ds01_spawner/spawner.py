@@ -59,14 +59,13 @@ from .projects import (
     InvalidRequest,
     Project,
     ProjectRequest,
-    WorkspaceError,
     options_from_form,
     parse_user_options,
-    read_workspace_file,
 )
 from .ready import server_url, wait_until_answers
 from .retirement import RetirementLog
 from .settings import DS01Settings
+from .workspaces import read_workspace_file
 
 # The share of the progress bar each spawn phase uses; the spawn page keeps the last
 # MAX_PROGRESS_EVENTS lines (a build may print without end).
@@ -501,10 +500,7 @@ class DS01Spawner(DS01Settings, DockerSpawner):
             await self.docker("inspect_image", ref)
             self._emit(_BUILD_END, f"Image {ref} is built")
             return ref
-        try:
-            dockerfile = read_workspace_file(workspace / DOCKERFILE, self.max_dockerfile_bytes)
-        except WorkspaceError as e:
-            raise Refusal(str(e), status=400, reason="build") from None
+        dockerfile = read_workspace_file(workspace / DOCKERFILE, self.max_dockerfile_bytes)
         await self._pull_base_image()
         spec = project_build_spec(
             self.build_settings,

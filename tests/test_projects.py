@@ -11,15 +11,17 @@ from ds01_spawner.projects import (
     InvalidRequest,
     Project,
     ProjectStore,
-    WorkspaceError,
     discover_types,
     options_from_form,
     parse_gpus,
     parse_user_options,
-    prepare_workspace,
-    read_workspace_file,
     suggest_project_name,
     validate_project_name,
+)
+from ds01_spawner.workspaces import (
+    WorkspaceError,
+    prepare_workspace,
+    read_workspace_file,
     workspace_path,
     write_new_file,
 )
@@ -364,3 +366,14 @@ def test_a_server_named_before_ds01s_rules_is_refused_with_a_name_to_use(server,
     message = str(e.value)
     assert f"Start a server named {suggested!r} instead" in message
     assert "nothing was created" in message
+
+
+def test_a_workspace_error_has_one_status_wherever_it_is_caught(tmp_path):
+    """400 for the workspace itself, 409 for a Dockerfile that cannot be read: the
+    spawn and the image page give the same answer."""
+    with pytest.raises(WorkspaceError) as e:
+        read_workspace_file(tmp_path / "Dockerfile", 1024)
+    assert e.value.status == 409 and "missing" in str(e.value)
+    with pytest.raises(WorkspaceError) as e:
+        workspace_path("/elsewhere/{user}/{project}", root=str(tmp_path), user="a", project="p")
+    assert e.value.status == 400

@@ -52,13 +52,15 @@ from ..projects import (
     DOCKERFILE,
     InvalidRequest,
     Project,
+    validate_project_name,
+)
+from ..settings import DS01Settings
+from ..workspaces import (
     WorkspaceError,
     read_workspace_file,
-    validate_project_name,
     workspace_path,
     write_new_file,
 )
-from ..settings import DS01Settings
 from .hub_api import HubClient, server_path, user_path
 
 # The page's actions and the fields each takes (a form posts the same names).
@@ -150,15 +152,13 @@ class ImageManager:
                 project=project.name,
             )
         except WorkspaceError as e:
-            raise Refusal(str(e), status=409) from None
+            raise Refusal(str(e), status=409) from None  # a record the config no longer fits
 
     def dockerfile(self, project: Project) -> str:
-        try:
-            return read_workspace_file(
-                self._workspace(project) / DOCKERFILE, self.settings.max_dockerfile_bytes
-            )
-        except WorkspaceError as e:
-            raise Refusal(str(e), status=409) from None
+        """The project's Dockerfile (a WorkspaceError, 409, if it cannot be read safely)."""
+        return read_workspace_file(
+            self._workspace(project) / DOCKERFILE, self.settings.max_dockerfile_bytes
+        )
 
     async def describe(self, project: Project) -> dict[str, Any]:
         """Everything the page shows about one project's image."""

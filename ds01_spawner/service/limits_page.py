@@ -6,9 +6,8 @@ runtime and idle time left, GPUs held and kept, and recent retirements.
 Admins get every user with a running server, the policy's state (source,
 last reload, a broken edit's error) and a "reload now" action.
 
-Running servers are as the retirer's last check saw them (`Retirer.latest`),
-times left counted on to now: a view costs no survey of the hub, the engine
-and NVML.
+Running servers come from `Retirer.latest`: one survey of the hub, the engine
+and NVML shared by the views of a few seconds, times left counted on to now.
 """
 
 from __future__ import annotations

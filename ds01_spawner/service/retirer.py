@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -226,9 +226,7 @@ class Retirer:
             del self.gpu_busy_at[gone]
         self._add_recent_retirements(warnings, running, now)
         self.notices.write(warnings)
-        # what the limits page shows until the next check: the servers still running
-        kept = [v for v in snapshot.servers if (v.facts.user, v.facts.server) in running]
-        self.last = replace(snapshot, servers=kept)
+        self.last = snapshot
         return snapshot
 
     def _view(
