@@ -305,7 +305,7 @@ class ImageBuilder:
             if spec.network_mode:
                 params["networkmode"] = spec.network_mode
             info = client.info()
-            parent = build_cgroup(spec.owner, spec.pids_limit, info)
+            parent = build_cgroup(spec.owner, spec.pids_limit, info, spec.cpu_shares)
             if parent:
                 params["cgroupparent"] = parent
             # the engine's build endpoint itself: docker-py's build() cannot set a
@@ -402,13 +402,18 @@ class _TimeLimit:
 _cgroup_warned = False
 
 
-def build_cgroup(owner: str, pids_limit: int | None, info: dict) -> str | None:
+def build_cgroup(
+    owner: str, pids_limit: int | None, info: dict, cpu_shares: int | None = None
+) -> str | None:
     """The cgroup parent of `owner`'s build containers, with `pids_limit` for them together.
 
     The classic builder has no pids limit of its own. Under the cgroupfs driver a
     build's RUN containers are made inside the parent, so a limit set on the
-    parent holds for all of them. Elsewhere (systemd driver, no write access to
-    the cgroup tree) builds run without it and the hub says so once.
+    parent holds for all of them. `cpu_shares` also weighs the parent of every
+    user's builds (``/ds01-builds``) against the host's own processes, the hub
+    among them: a RUN container's own weight counts only among containers.
+    Elsewhere (systemd driver, no write access to the cgroup tree) builds run
+    without these and the hub says so once.
     """
     global _cgroup_warned
     if not pids_limit or not owner:
@@ -423,6 +428,10 @@ def build_cgroup(owner: str, pids_limit: int | None, info: dict) -> str | None:
         path = base / parent.lstrip("/")
         path.mkdir(parents=True, exist_ok=True)
         (path / "pids.max").write_text(str(pids_limit))
+        if cpu_shares and version == "1":
+            builds = Path("/sys/fs/cgroup/cpu/ds01-builds")
+            builds.mkdir(exist_ok=True)
+            (builds / "cpu.shares").write_text(str(cpu_shares))
     except (OSError, docker.errors.DockerException) as e:
         if not _cgroup_warned:
             _cgroup_warned = True

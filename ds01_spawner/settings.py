@@ -194,7 +194,9 @@ class DS01Settings(LoggingConfigurable):
 
         Only matters when the CPUs are all busy: then a build gets a quarter of
         what a running server gets, so a long pip build slows nobody's notebook
-        or spawn much. 0: Docker's default (builds weigh as much as servers).
+        or spawn much. Under the cgroupfs driver (cgroup v1) it also weighs all
+        builds together against the host's own processes, the hub among them.
+        0: Docker's default (builds weigh as much as servers).
         """,
     ).tag(config=True)
 

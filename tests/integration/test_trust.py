@@ -106,6 +106,9 @@ async def test_builds_run_on_their_own_network_with_limits_and_no_gpu(hub, engin
     assert "/ds01-builds/" in lines["PIDS"]
     cgroup = lines["PIDS"].split(":", 2)[2].rsplit("/", 1)[0]
     assert Path(f"/sys/fs/cgroup/pids{cgroup}/pids.max").read_text().strip() == "64"
+    if Path("/sys/fs/cgroup/cpu").is_dir():  # cgroup v1: builds weigh little against the hub
+        weight = Path("/sys/fs/cgroup/cpu/ds01-builds/cpu.shares").read_text().strip()
+        assert weight == "256", "build_cpu_shares on the parent of every user's builds"
     network = engine.networks.get(BUILD_NETWORK)
     assert network.attrs["Options"]["com.docker.network.bridge.enable_icc"] == "false"
     subnet = ipaddress.ip_network(network.attrs["IPAM"]["Config"][0]["Subnet"])
