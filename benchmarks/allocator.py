@@ -78,9 +78,7 @@ def as_containers(holders: list[Holder], slots: list[GpuSlot]) -> list[dict]:
             "Names": [f"/ds01-{h.user}--{h.project}"],
             "State": "running",
             "Labels": {
-                labels.MANAGED: "true",
-                labels.USER: h.user,
-                labels.PROJECT: h.project,
+                **labels.project_labels(h.user, h.project, "base"),  # managed, role=project
                 labels.SERVER_NAME: h.server,
                 **gpu_labels([by_uuid[h.uuid]], h.since),
             },

@@ -235,27 +235,19 @@ class GpuAllocator:
         self._pending.pop((user, server), None)
 
 
-_allocators: dict[tuple[int, str], GpuAllocator] = {}
-
-
 def gpu_allocator(simulated_gpus: int, state_dir: str) -> GpuAllocator:
-    """This process's allocator over NVML (or N simulated GPUs) and the engine's ledger.
+    """An allocator over NVML (or N simulated GPUs) and the engine's ledger.
 
-    One per process (and state directory, whose key seals the ledger), so every
-    spawn shares its lock and its pending list.
+    Make one per process and state directory (whose key seals the ledger), so
+    every spawn shares its lock and its pending list: `DS01Settings.gpu_allocator`.
     """
-    key = (simulated_gpus, str(state_dir))
-    if key not in _allocators:
-        inventory: GpuInventory = (
-            SimulatedInventory(simulated_gpus) if simulated_gpus else NvmlInventory()
-        )
-        client = docker_client()
+    inventory: GpuInventory = (
+        SimulatedInventory(simulated_gpus) if simulated_gpus else NvmlInventory()
+    )
+    client = docker_client()
 
-        async def list_containers() -> list[dict]:
-            # own client on the default thread pool: never queued behind DockerSpawner's executor
-            return await asyncio.to_thread(
-                client.containers, all=True, filters=labels.managed_filter()
-            )
+    async def list_containers() -> list[dict]:
+        # own client on the default thread pool: never queued behind DockerSpawner's executor
+        return await asyncio.to_thread(client.containers, all=True, filters=labels.managed_filter())
 
-        _allocators[key] = GpuAllocator(inventory, list_containers, LedgerSeal(state_dir))
-    return _allocators[key]
+    return GpuAllocator(inventory, list_containers, LedgerSeal(state_dir))

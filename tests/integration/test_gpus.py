@@ -7,7 +7,8 @@ import asyncio
 import pynvml
 import pytest
 
-from ds01_spawner import gpus, labels
+from ds01_spawner import labels
+from ds01_spawner import settings as ds01_settings
 from tests.fake_nvml import GIB, FakeNvml, a100s
 
 from .conftest import exec_in
@@ -119,7 +120,7 @@ async def test_per_user_and_group_overrides(hub):
 
 async def test_no_nvml_cpu_projects_spawn_gpu_requests_refused(hub, monkeypatch):
     FakeNvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND).install(monkeypatch)
-    monkeypatch.setattr(gpus, "_allocators", {})
+    monkeypatch.setattr(ds01_settings, "_shared", {})  # a fresh GPU allocator
     h = await hub()
     user = h.new_user()
     r = await h.request_start(user, "gpu", {"gpus": 1})
@@ -132,7 +133,7 @@ async def test_real_nvml_path_skips_a_gpu_busy_outside_the_hub(hub, monkeypatch)
     fakes = a100s(2)
     fakes[0].memory_used, fakes[0].utilization = 30 * GIB, 88  # someone's job outside the hub
     FakeNvml(fakes).install(monkeypatch)
-    monkeypatch.setattr(gpus, "_allocators", {})
+    monkeypatch.setattr(ds01_settings, "_shared", {})  # a fresh GPU allocator
     h = await hub(gpu_passing="env")
     alice, bob = h.new_user(), h.new_user()
     await h.start(alice, "train", {"gpus": 1})

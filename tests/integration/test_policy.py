@@ -13,14 +13,17 @@ from pathlib import Path
 
 from jupyterhub.tests.utils import api_request, get_page
 from jupyterhub.utils import url_path_join
+from traitlets.config import Config
 
-from ds01_spawner import gpus, labels
+from ds01_spawner import labels
+from ds01_spawner import settings as ds01_settings
 from ds01_spawner.configure import SERVICE_SCOPES, retirement_notices
 from ds01_spawner.ledger import GpuHolds
 from ds01_spawner.limits import PolicyStore
 from ds01_spawner.retirement import RetirementLog
 from ds01_spawner.service.hub_api import HubClient
 from ds01_spawner.service.retirer import Retirer
+from ds01_spawner.settings import DS01Settings
 from tests.fake_nvml import FakeNvml, a100s
 
 from .conftest import exec_in
@@ -44,12 +47,11 @@ def service_hub_config(dirs: dict[str, str]) -> tuple[str, dict]:
 
 
 def retirer_for(h, token: str, dirs: dict[str, str], policy: str, simulated: int = 0) -> Retirer:
+    """The service's retirer, sharing this process's GPU allocator with the hub's spawners."""
     api = url_path_join(h.app.hub.url, "api")
+    settings = DS01Settings(config=Config({"DS01Settings": {"simulated_gpus": simulated, **dirs}}))
     return Retirer(
-        HubClient(api, token),
-        PolicyStore(policy),
-        gpus.gpu_allocator(simulated, dirs["state_dir"]),
-        dirs["state_dir"],
+        HubClient(api, token), PolicyStore(policy), settings.gpu_allocator, dirs["state_dir"]
     )
 
 
@@ -174,7 +176,7 @@ async def test_a_stopped_projects_gpu_is_kept_for_its_owner(hub, tmp_path):
 async def test_idle_gpu_server_is_retired_and_a_busy_one_kept(hub, dirs, tmp_path, monkeypatch):
     fakes = a100s(2)
     FakeNvml(fakes).install(monkeypatch)
-    monkeypatch.setattr(gpus, "_allocators", {})
+    monkeypatch.setattr(ds01_settings, "_shared", {})  # a fresh GPU allocator
     text = (
         "defaults:\n  max_gpus: 1\n  idle_timeout: 12s\n  gpu_hold_after_stop: 10m\n"
         "retirement:\n  warn_before: 5s\n  gpu_busy_percent: 20\n"
