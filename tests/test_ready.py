@@ -18,13 +18,15 @@ def free_port() -> int:
 
 class Status(web.RequestHandler):
     def get(self) -> None:
+        self.application.settings["seen"].append(self.request.path)
         self.set_status(self.application.settings["status"])
         self.finish("ok")
 
 
-async def serve_after(port: int, delay: float, status: int = 302):
+async def serve_after(port: int, delay: float, status: int = 302, seen: list | None = None):
     await asyncio.sleep(delay)
-    return web.Application([(r"/.*", Status)], status=status).listen(port, "127.0.0.1")
+    app = web.Application([(r"/.*", Status)], status=status, seen=[] if seen is None else seen)
+    return app.listen(port, "127.0.0.1")
 
 
 async def test_start_returns_within_a_probe_interval_of_the_server_answering():
@@ -33,6 +35,14 @@ async def test_start_returns_within_a_probe_interval_of_the_server_answering():
     waited = await wait_until_answers(f"http://127.0.0.1:{port}/user/ada/", timeout=5)
     (await server).stop()
     assert waited is not None and 0.4 <= waited < 0.4 + 0.25
+
+
+async def test_a_booting_server_costs_bare_connects_and_one_request():
+    port, seen = free_port(), []
+    server = asyncio.create_task(serve_after(port, 0.5, seen=seen))
+    assert await wait_until_answers(f"http://127.0.0.1:{port}/user/ada/", timeout=5)
+    (await server).stop()
+    assert seen == ["/user/ada/"], "no HTTP request before the port accepted"
 
 
 async def test_a_server_answering_with_an_error_is_not_ready_and_the_wait_ends_at_its_limit():
