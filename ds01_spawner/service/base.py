@@ -137,6 +137,13 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(data))
 
+    def respond(self, data: Any, page: str, **ns: Any) -> None:
+        """A page and its JSON twin: `data` under ``api/``, else `page` rendered with `ns`."""
+        if self.is_api:
+            self.write_json(data)
+        else:
+            self.render_page(page, **ns)
+
     def render_page(self, name: str, **ns: Any) -> None:
         template = self.settings["templates"].get_template(name)
         self.finish(

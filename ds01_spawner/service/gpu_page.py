@@ -29,7 +29,4 @@ class GpuHandler(BaseHandler):
     async def get(self) -> None:
         self.require_admin()
         view = await gpu_view(self.settings["allocator"], self.settings["gpu_holds"])
-        if self.is_api:
-            self.write_json(view)
-        else:
-            self.render_page("gpus.html", refresh=self.ds01.refresh_seconds, **view)
+        self.respond(view, "gpus.html", refresh=self.ds01.refresh_seconds, **view)

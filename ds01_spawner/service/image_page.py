@@ -57,10 +57,13 @@ class ProjectListHandler(ProjectBase):
             {"image": b.spec.image, "status": "running" if not b.done.is_set() else "done"}
             for b in self.manager.builder.running()
         ]
-        if self.is_api:
-            self.write_json({"projects": projects, "builds": queue if everyone else None})
-        else:
-            self.render_page("images.html", projects=projects, everyone=everyone, queue=queue)
+        self.respond(
+            {"projects": projects, "builds": queue if everyone else None},
+            "images.html",
+            projects=projects,
+            everyone=everyone,
+            queue=queue,
+        )
 
 
 class ProjectHandler(ProjectBase):
@@ -68,15 +71,13 @@ class ProjectHandler(ProjectBase):
     async def get(self, owner: str, name: str) -> None:
         project = self.project_for(owner, name)
         info = await self.manager.describe(project)
-        if self.is_api:
-            self.write_json(info)
-        else:
-            self.render_page(
-                "project.html",
-                p=info,
-                message=self.get_argument("msg", ""),
-                error=self.get_argument("error", ""),
-            )
+        self.respond(
+            info,
+            "project.html",
+            p=info,
+            message=self.get_argument("msg", ""),
+            error=self.get_argument("error", ""),
+        )
 
     @web.authenticated
     async def delete(self, owner: str, name: str) -> None:

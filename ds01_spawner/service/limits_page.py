@@ -110,16 +110,14 @@ class LimitsHandler(BaseHandler):
         }
         if everyone:
             data["policy"] = self.policy_state()
-        if self.is_api:
-            self.write_json(data)
-        else:
-            self.render_page(
-                "limits.html",
-                everyone=everyone,
-                reloaded=self.get_argument("reloaded", ""),
-                format_time=lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t)),
-                **data,
-            )
+        self.respond(
+            data,
+            "limits.html",
+            everyone=everyone,
+            reloaded=self.get_argument("reloaded", ""),
+            format_time=lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t)),
+            **data,
+        )
 
     def policy_state(self) -> dict[str, Any]:
         store = self.retirer.policies
