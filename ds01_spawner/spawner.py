@@ -59,6 +59,7 @@ from .projects import (
     InvalidRequest,
     Project,
     ProjectRequest,
+    ProjectType,
     options_from_form,
     parse_user_options,
 )
@@ -250,7 +251,7 @@ class DS01Spawner(DS01Settings, DockerSpawner):
     def apply_project_options(self, user_options: dict[str, Any]) -> None:
         """Refuse a bad request before anything is created (400, 403, 409)."""
         with self._refusing():
-            request = self._parse(user_options)
+            request = self._parse(user_options, self.types())
             self._admit(request, self.limits())
             self._store_user_options(request, user_options)
 
@@ -269,13 +270,13 @@ class DS01Spawner(DS01Settings, DockerSpawner):
                 raise spawn_exception(e) from None
             raise
 
-    def _parse(self, user_options: Any) -> ProjectRequest:
+    def _parse(self, user_options: Any, types: dict[str, ProjectType]) -> ProjectRequest:
         existing = {p.name: p for p in self.store.list_owned(self.user.name)}
         try:
             request = parse_user_options(
                 user_options,
                 server_name=self.name,
-                types=self.types(),
+                types=types,
                 existing=existing,
                 default_type=self.default_project_type,
                 fallback_project=next(iter(existing), self.default_project),
@@ -367,14 +368,15 @@ class DS01Spawner(DS01Settings, DockerSpawner):
     async def _start(self) -> tuple[str, int]:
         # validated and admitted again (apply_user_options did it too, unless an
         # admin replaced that hook), now with the GPUs as they are
-        request = self._parse(self.user_options)
+        types = self.types()  # read once per start: each type's Dockerfile is a file
+        request = self._parse(self.user_options, types)
         limits = self.limits()
         asked = gpu_request(request, self.user.name, self.name)
         self._admit(request, limits, await self._gpu_facts(limits) if asked.count else None)
         self._store_user_options(request, self.user_options)
         ids = self._resolve_ids()
         self._emit(2, f"{'Creating' if request.new else 'Opening'} project {request.name}")
-        project, workspace = self._open_project(request, ids)
+        project, workspace = self._open_project(request, ids, types)
         unsaved = InstalledRecords(self.state_dir).lost_packages(self.user_slug, project.name)
         if unsaved:
             self._emit(5, unsaved_notice(unsaved, self.user.name, project.name))
@@ -476,12 +478,13 @@ class DS01Spawner(DS01Settings, DockerSpawner):
                 f"cannot decide which uid to run as: {e}", status=500, reason="uid"
             ) from None
 
-    def _open_project(self, request: ProjectRequest, ids: UserIds) -> tuple[Project, Path]:
+    def _open_project(
+        self, request: ProjectRequest, ids: UserIds, types: dict[str, ProjectType]
+    ) -> tuple[Project, Path]:
         """The project's record and workspace, created on first use (`project init`)."""
         project = self.store.get_own(self.user.name, request.name)  # before anything is created
         if project is None:
             project = Project(self.user.name, request.name, request.type, time.time())
-        types = self.types()
         workspace = open_workspace(
             template=self.workspace_template,
             root=self.workspace_root,
