@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from collections.abc import Awaitable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any
 
 import docker
 import pytest
+from jupyterhub.services.auth import HubOAuth
 from tornado import httpserver, web
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.testing import bind_unused_port
@@ -313,6 +316,112 @@ async def test_a_refusal_is_its_own_status_on_a_page_escaped():
     r = await fetch("/p/refused")
     assert r.code == 409 and b"&lt;first&gt;" in r.body and b"<first>" not in r.body
     assert r.headers["X-Frame-Options"] == "DENY"
+
+
+SERVICE_ACCESS = "access:services!service=ds01"
+HUB_TOKENS = {
+    "token alice": {"name": "alice", "kind": "user", "scopes": [SERVICE_ACCESS]},
+    "token no-access": {"name": "bob", "kind": "user", "scopes": ["self"]},
+}
+
+
+class FakeHubUser(BaseHTTPRequestHandler):
+    """The hub's GET /hub/api/user: who a token belongs to, or a 403 for one it does not know.
+
+    On a thread of its own: the hub's auth checks a token synchronously, blocking the
+    service's event loop until the hub answers.
+    """
+
+    def do_GET(self) -> None:
+        model = HUB_TOKENS.get(self.headers.get("Authorization", ""))
+        body = json.dumps(model or {"status": 403, "message": "invalid token"}).encode()
+        self.send_response(200 if model else 403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def hub_api_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHubUser)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hub/api"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+class Mine(BaseHandler):
+    """A handler signed in through the hub, as the service's are."""
+
+    def initialize(self, hub_auth: HubOAuth) -> None:
+        self.hub_auth = hub_auth
+
+    @web.authenticated
+    async def get(self) -> None:
+        self.write_json({"name": self.current_user["name"]})
+
+
+async def fetch_signed_in(hub_api_url: str, path: str, token: str = "") -> HTTPResponse:
+    """`path` of a service signed in through the hub at `hub_api_url`, with `token` if given."""
+    auth = HubOAuth(
+        api_url=hub_api_url,
+        api_token="service-token",
+        access_scopes={SERVICE_ACCESS},
+        oauth_client_id="service-ds01",
+        oauth_redirect_uri="/p/oauth_callback",
+        hub_prefix="/hub/",
+    )
+    app = web.Application(
+        [(r"/p/(?:api/)?mine", Mine, {"hub_auth": auth})],
+        ds01=SimpleNamespace(prefix="/p/"),
+        cookie_secret="test-secret",
+    )
+    sock, port = bind_unused_port()
+    server = httpserver.HTTPServer(app)
+    server.add_sockets([sock])
+    headers = {"Authorization": f"token {token}"} if token else {}
+    try:
+        return await AsyncHTTPClient().fetch(
+            f"http://127.0.0.1:{port}{path}",
+            headers=headers,
+            follow_redirects=False,
+            raise_error=False,
+        )
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("token", ["forged", "no-access"])
+async def test_an_api_request_with_a_token_the_hub_refuses_is_a_403_not_a_login_page(
+    hub_api_url, token
+):
+    r = await fetch_signed_in(hub_api_url, "/p/api/mine", token)
+    assert r.code == 403 and "Location" not in r.headers
+    assert r.headers["Content-Type"] == "application/json"
+    body = json.loads(r.body)
+    assert body["status"] == 403 and "did not accept this token" in body["message"]
+
+
+async def test_an_api_request_with_no_token_at_all_goes_to_sign_in_like_a_page(hub_api_url):
+    # a page's script without the service's cookie yet: the hub's OAuth sets it
+    r = await fetch_signed_in(hub_api_url, "/p/api/mine")
+    assert r.code == 302 and "/hub/api/oauth2/authorize" in r.headers["Location"]
+
+
+async def test_a_page_without_a_sign_in_still_goes_to_the_hubs_login(hub_api_url):
+    r = await fetch_signed_in(hub_api_url, "/p/mine")
+    assert r.code == 302 and "/hub/api/oauth2/authorize" in r.headers["Location"]
+
+
+async def test_an_api_request_with_a_valid_token_is_answered(hub_api_url):
+    r = await fetch_signed_in(hub_api_url, "/p/api/mine", "alice")
+    assert r.code == 200 and json.loads(r.body) == {"name": "alice"}
 
 
 # ---------------------------------------------------------------- the limits page's data

@@ -33,6 +33,8 @@ from .image_page import (
 )
 from .limits_page import LimitsHandler, PolicyReloadHandler
 from .retirer import Retirer
+from .server_page import ServerActionHandler, ServerProgressHandler
+from .servers import SERVER_ACTION_FIELDS, ServerManager
 
 BIND_RETRY_SECONDS = 10  # how long a port held by an exiting service is waited for
 
@@ -90,13 +92,17 @@ class DS01Service(Application):
         hub_auth = HubOAuth(api_url=hub.api_url, api_token=hub.token, cache_max_age=60)
         project = r"(?P<owner>[^/]+)/(?P<name>[a-z][a-z0-9-]{0,29})"
         actions = "|".join(ACTION_FIELDS)
+        servers = "|".join(SERVER_ACTION_FIELDS)
         templates = Environment(
             loader=FileSystemLoader(Path(__file__).parent / "templates"),
             autoescape=select_autoescape(),
         )
         self.retirer = Retirer(hub, shared.policy_store, shared.gpu_allocator, shared.state_dir)
+        manager = ImageManager(shared, hub, allow_url_packages=self.allow_url_packages)
+        hub_base_url = os.environ.get("JUPYTERHUB_BASE_URL", "/")
         settings = {
-            "manager": ImageManager(shared, hub, allow_url_packages=self.allow_url_packages),
+            "manager": manager,
+            "servers": ServerManager(hub, manager, hub_base_url),
             "retirer": self.retirer,
             "gpu_holds": shared.gpu_holds,
             "hub_auth": hub_auth,
@@ -105,7 +111,7 @@ class DS01Service(Application):
             "ds01": self,
             "templates": templates,
             "allocator": shared.gpu_allocator,
-            "hub_base_url": os.environ.get("JUPYTERHUB_BASE_URL", "/"),
+            "hub_base_url": hub_base_url,
         }
         return web.Application(
             [
@@ -117,6 +123,11 @@ class DS01Service(Application):
                     ProjectActionHandler,
                 ),
                 (url_path_join(prefix, f"(?:api/)?images/{project}/events"), BuildEventsHandler),
+                (
+                    url_path_join(prefix, f"(?:api/)?projects/{project}/(?P<action>{servers})"),
+                    ServerActionHandler,
+                ),
+                (url_path_join(prefix, f"api/projects/{project}/progress"), ServerProgressHandler),
                 (url_path_join(prefix, "(?:api/)?gpus"), GpuHandler),
                 (url_path_join(prefix, "(?:api/)?limits"), LimitsHandler),
                 (url_path_join(prefix, "(?:api/)?policy/reload"), PolicyReloadHandler),

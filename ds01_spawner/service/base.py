@@ -87,6 +87,12 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         self._prepared = True
         if len(self.request.body or b"") > MAX_BODY_BYTES:
             raise web.HTTPError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+        if self.is_api and "Authorization" in self.request.headers and self.current_user is None:
+            # a script's or terminal command's token the hub did not accept: a clear
+            # answer, not the login page (a browser, with no such header, is sent there)
+            raise web.HTTPError(
+                403, "the hub did not accept this token for the ds01 service: sign in again"
+            )
         if self._xsrf_deferred:
             # who sent it is known only now: the hub's check skips XSRF for a request
             # that a valid token authenticated, and for nothing else

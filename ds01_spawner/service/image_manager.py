@@ -395,16 +395,10 @@ class ImageManager:
         restarted = []
         for entry in info["running"]:
             server = entry["server"]
-            path = server_path(user, server)
             options = (model["servers"].get(server) or {}).get("user_options") or {}
             try:
-                await self.hub.call("DELETE", path)
-                for _ in range(120):
-                    model = await self.hub.call("GET", user_path(user))
-                    if server not in model["servers"]:
-                        break
-                    await asyncio.sleep(0.5)
-                await self.hub.call("POST", path, {"user_options": options})
+                await self.hub.stop_server(user, server)
+                await self.hub.call("POST", server_path(user, server), {"user_options": options})
             except HTTPClientError as e:
                 raise Refusal(
                     f"the hub refused to restart {server or 'default'}: {e}", status=502

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -32,6 +33,28 @@ class ProjectBase(BaseHandler):
     def project_for(self, owner: str, name: str) -> Project:
         self.require_owner_or_admin(owner)
         return self.manager.project(owner, name)
+
+    async def perform(
+        self,
+        owner: str,
+        name: str,
+        fields: frozenset[str],
+        run: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
+    ) -> dict[str, Any] | None:
+        """`run` an action on its arguments (a JSON body under ``api/``, else a form):
+        its result, or None once a refused form went back to the project's page,
+        which says why (under ``api/`` the refusal is the answer)."""
+        if self.is_api:
+            args = self.json_body(fields)
+        else:
+            args = {k: self.get_body_argument(k) for k in self.request.body_arguments}
+        try:
+            return await run(args)
+        except Refusal as e:
+            if self.is_api:
+                raise
+            self.redirect(self.page_url(owner, name, error=e.message))
+            return None
 
     def page_url(self, owner: str, name: str, **query: str) -> str:
         url = f"{self.ds01.prefix}images/{quote(owner)}/{name}"
@@ -95,16 +118,13 @@ class ProjectActionHandler(ProjectBase):
     @web.authenticated
     async def post(self, owner: str, name: str, action: str) -> None:
         project = self.project_for(owner, name)
-        if self.is_api:
-            args = self.json_body(ACTION_FIELDS.get(action, frozenset()))
-        else:
-            args = {k: self.get_body_argument(k) for k in self.request.body_arguments}
-        try:
-            result = await self.manager.act(project, action, args, by_admin=self.is_admin)
-        except Refusal as e:
-            if self.is_api:
-                raise
-            self.redirect(self.page_url(owner, name, error=e.message))
+        result = await self.perform(
+            owner,
+            name,
+            ACTION_FIELDS.get(action, frozenset()),
+            lambda args: self.manager.act(project, action, args, by_admin=self.is_admin),
+        )
+        if result is None:
             return
         if self.is_api:
             self.write_json(result, 202 if action == "rebuild" else 200)
