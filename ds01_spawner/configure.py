@@ -11,6 +11,7 @@ from typing import Any
 
 import docker
 import docker.errors
+from jupyterhub import orm
 
 from .compat import config_problems
 from .engine import docker_client
@@ -24,6 +25,9 @@ ADMIN_SCOPE = "custom:ds01:admin"
 # what the ds01 service's own token may do: restart servers on a rebuilt image,
 # and retire them by policy (read who runs what since when, and in which groups)
 SERVICE_SCOPES = ["servers", "list:users", "read:users:activity", "read:users:groups"]
+SERVICE_ACCESS = "access:services!service=ds01"
+# JupyterHub's `server` role: what a server's token may do unless told otherwise
+SERVER_ROLE_SCOPES = ["users:activity!user", "access:servers!server"]
 
 
 def docker_bridge_ip(network: str = "bridge", fallback: str = "172.17.0.1") -> str:
@@ -54,6 +58,7 @@ def configure(
     simulated_gpus: int | None = None,
     network: str = "bridge",
     service_port: int = 10101,
+    service_ip: str = "",
 ) -> None:
     """Use DS01Spawner, reach the hub from its containers, and run the ds01 service.
 
@@ -63,7 +68,10 @@ def configure(
       Services menu; every user may sign in to it, and `admin_users` get the
       ``custom:ds01:admin`` scope for its admin views (grant the ``ds01-admin``
       role to more users or groups in your own load_roles);
-    - `simulated_gpus` > 0 presents that many pretend GPUs, to spawner and service.
+    - `simulated_gpus` > 0 presents that many pretend GPUs, to spawner and service;
+    - the service listens on `service_ip` (default: where containers reach the hub),
+      so the terminal commands in every server reach it, with the server's own
+      token (whose scopes `server_token_scopes` gives access to the service).
 
     It only fills in what you left unset: your own ``c.JupyterHub.hub_ip``,
     ``c.DockerSpawner.network_name``, ``c.DS01Spawner.simulated_gpus`` (...)
@@ -86,6 +94,12 @@ def configure(
         ip = docker_bridge_ip(network)
         _fill(c.JupyterHub, "hub_ip", ip)
         _fill(c.JupyterHub, "hub_connect_ip", ip)
+    # the service listens where containers reach the hub: the terminal commands call it
+    service_host = service_ip or _reachable_ip(c, network)
+    if ":" in service_host:  # IPv6
+        service_host = f"[{service_host}]"
+    service_origin = f"http://{service_host}:{service_port}"
+    _fill(c.DS01Spawner, "service_url", service_origin + "{base_url}services/ds01/")
 
     c.JupyterHub.custom_scopes = {
         ADMIN_SCOPE: {"description": "See and manage every user's ds01 projects, images and GPUs."},
@@ -97,7 +111,7 @@ def configure(
             "name": "ds01",
             "display": True,
             "info": {"description": "ds01: project images, limits and GPUs"},
-            "url": f"http://127.0.0.1:{service_port}",
+            "url": service_origin,
             "command": [sys.executable, "-m", "ds01_spawner.service"],
             # a callable: the hub calls it when it starts the service, after the
             # whole config (and the command line) was read
@@ -110,7 +124,7 @@ def configure(
     c.JupyterHub.load_roles = [
         *_get(c.JupyterHub, "load_roles", []),
         # everyone may sign in to the service (its pages check finer rights)
-        {"name": "user", "scopes": ["self", "access:services!service=ds01"]},
+        {"name": "user", "scopes": ["self", SERVICE_ACCESS]},
         # the service itself: restarts on a rebuilt image, retirement by policy
         {
             "name": "ds01-service",
@@ -121,7 +135,7 @@ def configure(
         {
             "name": "ds01-admin",
             "description": "ds01 admin views: every user's GPUs and images",
-            "scopes": [ADMIN_SCOPE, "access:services!service=ds01"],
+            "scopes": [ADMIN_SCOPE, SERVICE_ACCESS],
             "users": sorted(admin_users),
         },
     ]
@@ -134,6 +148,35 @@ def configure(
             _get(c.JupyterHub, "template_vars", {}).get("announcement", ""),
         ),
     }
+
+
+def _reachable_ip(c: Any, network: str) -> str:
+    """The hub's address as containers reach it: an IP address it listens on, else the
+    Docker network's gateway (a wildcard bind or a host name is no place to listen)."""
+    for name in ("hub_connect_ip", "hub_ip"):
+        ip = _get(c.JupyterHub, name, "")
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            continue
+        if not address.is_unspecified:
+            return ip
+    return docker_bridge_ip(network)
+
+
+def server_token_scopes(spawner: Any) -> list[str]:
+    """What a server's $JUPYTERHUB_API_TOKEN may do (DS01Spawner's default): the hub's
+    ``server`` role, as this hub defines it, and access to the ds01 service.
+
+    The hub gives a token only the scopes its user holds, so a token taken from
+    a server does no more than its user could; the admin scope is not asked
+    for, so an admin's terminal acts on the admin's own projects. Called at
+    each start (JupyterHub accepts a callable), so it sees the final config.
+    """
+    db = getattr(getattr(spawner, "user", None), "db", None)
+    role = orm.Role.find(db, "server") if db is not None else None
+    scopes = list(role.scopes) if role is not None else list(SERVER_ROLE_SCOPES)
+    return scopes if SERVICE_ACCESS in scopes else [*scopes, SERVICE_ACCESS]
 
 
 def check_config(c: Any) -> None:

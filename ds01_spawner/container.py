@@ -50,6 +50,7 @@ class ContainerPlan:
     limits: Limits | None = None
     workspace: str = ""  # the workspace's path on the host
     unsaved_packages: tuple[str, ...] = ()  # pip-installed last session, lost at retire
+    service_url: str = ""  # the ds01 service, as the terminal commands reach it
 
     def to_state(self) -> dict[str, Any]:
         """What the hub keeps of the plan across its restarts (`from_state` reads it back)."""
@@ -173,6 +174,13 @@ def describe_limits(limits: Limits | None) -> str:
     return f"Limits: {', '.join(shown)}" if shown else ""
 
 
+def service_url(template: str, hub_base_url: str) -> str:
+    """`service_url` with ``{base_url}`` made the hub's base URL (its ``/hub/`` path less
+    ``hub/``), so one setting serves a hub at / and one under a prefix."""
+    base = hub_base_url[: -len("hub/")] if hub_base_url.endswith("/hub/") else "/"
+    return template.replace("{base_url}", base)
+
+
 def container_env(plan: ContainerPlan) -> dict[str, str]:
     """The variables ds01 sets in the server's environment (over any the config set)."""
     uuids = ",".join(s.uuid for s in plan.gpus)
@@ -195,4 +203,6 @@ def container_env(plan: ContainerPlan) -> dict[str, str]:
         "DS01_GPU_NAMES": ",".join(s.name for s in plan.gpus),
         # what the last session pip-installed and lost: JupyterLab terminals show it
         "DS01_UNSAVED_PACKAGES": " ".join(plan.unsaved_packages),
+        # where the terminal commands (image-update, project, ...) reach the ds01 service
+        **({"DS01_SERVICE_URL": plan.service_url} if plan.service_url else {}),
     }

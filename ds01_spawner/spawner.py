@@ -40,7 +40,8 @@ from traitlets import (
 from . import labels
 from .admission import Facts, GpuFacts, admit, gpu_refusal, gpu_request
 from .compat import allowed_options_problem, remove_problem
-from .container import ContainerPlan, describe_limits, harden_request
+from .configure import server_token_scopes
+from .container import ContainerPlan, describe_limits, harden_request, service_url
 from .engine import wait_removed
 from .errors import Refusal, spawn_exception
 from .events import EventLog
@@ -145,6 +146,16 @@ class DS01Spawner(DS01Settings, DockerSpawner):
         """,
     ).tag(config=True)
 
+    service_url = Unicode(
+        "",
+        help="""Where the terminal commands in a server (image-update, project, container
+        retire, check-limits) reach the ds01 service, as $DS01_SERVICE_URL: its
+        prefix on an address containers can reach, `{base_url}` standing for the
+        hub's base URL, e.g. http://172.17.0.1:10101{base_url}services/ds01/.
+        configure(c) sets it; empty: the commands say the service is out of reach.
+        """,
+    ).tag(config=True)
+
     allowed_user_options = List(
         Unicode(),
         help="""Your own user_options keys, accepted besides ds01's (project, type,
@@ -189,6 +200,10 @@ class DS01Spawner(DS01Settings, DockerSpawner):
     @default("notebook_dir")
     def _default_notebook_dir(self) -> str:
         return self.workspace_mount
+
+    @default("server_token_scopes")
+    def _default_server_token_scopes(self) -> Any:
+        return server_token_scopes  # the server role and access to the ds01 service
 
     @default("options_form")
     def _default_options_form(self) -> Any:
@@ -426,6 +441,7 @@ class DS01Spawner(DS01Settings, DockerSpawner):
             limits=limits,
             workspace=str(workspace),
             unsaved_packages=tuple(unsaved),
+            service_url=service_url(self.service_url, self.hub.base_url if self.hub else ""),
         )
 
     async def _until_it_answers(self, ip: str, port: int) -> None:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from jupyterhub import orm
+from jupyterhub.roles import get_default_roles
 from traitlets.config import Config, PyFileConfigLoader
 
 from ds01_spawner import DS01Spawner
-from ds01_spawner.configure import configure
+from ds01_spawner.configure import SERVICE_ACCESS, configure, server_token_scopes
 from ds01_spawner.settings import SETTINGS_ENV, SHARED_SETTINGS, DS01Settings
 
 
@@ -160,3 +163,90 @@ def test_the_announcement_reads_the_state_dir_set_after_configure(tmp_path):
         name = "alice"
 
     assert "retiring soon" in c.JupyterHub.template_vars["announcement"](User())
+
+
+# ---------------------------------------------------------------- the terminal commands' access
+
+
+def server_role_scopes() -> list[str]:
+    """JupyterHub's own `server` role: what a server's token may do unless told otherwise."""
+    (role,) = [r for r in get_default_roles() if r["name"] == "server"]
+    return role["scopes"]
+
+
+def test_a_servers_token_gets_the_server_role_and_access_to_the_service():
+    spawner = SimpleNamespace(user=SimpleNamespace(db=None))
+    assert server_token_scopes(spawner) == [*server_role_scopes(), SERVICE_ACCESS]
+    assert SERVICE_ACCESS == "access:services!service=ds01"
+
+
+def test_the_server_role_is_read_as_this_hub_defines_it():
+    db = orm.new_session_factory("sqlite://")()
+    db.add(orm.Role(name="server", scopes=["users:activity!user", "read:users:name!user"]))
+    db.commit()
+    spawner = SimpleNamespace(user=SimpleNamespace(db=db))
+    assert server_token_scopes(spawner) == [
+        "users:activity!user",
+        "read:users:name!user",
+        SERVICE_ACCESS,
+    ]
+
+
+def test_the_service_access_scope_is_not_added_twice():
+    db = orm.new_session_factory("sqlite://")()
+    db.add(orm.Role(name="server", scopes=["users:activity!user", SERVICE_ACCESS]))
+    db.commit()
+    spawner = SimpleNamespace(user=SimpleNamespace(db=db))
+    assert server_token_scopes(spawner).count(SERVICE_ACCESS) == 1
+
+
+def test_every_ds01_server_token_reaches_the_service_by_default():
+    c = Config()
+    configure(c)
+    assert "server_token_scopes" not in c.DS01Spawner, "configure leaves the setting to the admin"
+    assert DS01Spawner(config=c).server_token_scopes is server_token_scopes
+
+
+@pytest.mark.parametrize("section", ["DS01Spawner", "DockerSpawner", "Spawner"])
+def test_the_admins_own_server_token_scopes_are_theirs(section):
+    def scopes(spawner):
+        return ["users:activity!user"]
+
+    for value in (["users:activity!user", "read:users:name"], scopes):
+        c = Config()
+        c[section].server_token_scopes = value
+        configure(c)
+        assert DS01Spawner(config=c).server_token_scopes == value
+
+
+def test_the_service_listens_where_containers_reach_the_hub():
+    c = Config()
+    c.JupyterHub.hub_ip = "0.0.0.0"
+    c.JupyterHub.hub_connect_ip = "10.1.2.3"
+    configure(c, service_port=10200)
+    (service,) = [s for s in c.JupyterHub.services if s["name"] == "ds01"]
+    assert service["url"] == "http://10.1.2.3:10200"
+    assert c.DS01Spawner.service_url == "http://10.1.2.3:10200{base_url}services/ds01/"
+
+
+def test_a_hub_on_every_interface_without_a_connect_ip_serves_on_the_bridge():
+    c = Config()
+    c.JupyterHub.hub_ip = "0.0.0.0"
+    c.JupyterHub.hub_connect_ip = ""
+    configure(c)
+    assert c.DS01Spawner.service_url == "http://10.9.8.7:10101{base_url}services/ds01/"
+
+
+def test_the_service_url_the_admin_set_is_kept():
+    c = Config()
+    c.JupyterHub.hub_ip = c.JupyterHub.hub_connect_ip = "10.1.2.3"
+    c.DS01Spawner.service_url = "http://ds01.lab.example{base_url}services/ds01/"
+    configure(c)
+    assert c.DS01Spawner.service_url == "http://ds01.lab.example{base_url}services/ds01/"
+
+
+def test_a_service_ip_given_to_configure_wins_over_the_hubs_address():
+    c = Config()
+    c.JupyterHub.hub_ip = c.JupyterHub.hub_connect_ip = "10.1.2.3"
+    configure(c, service_ip="10.5.5.5")
+    assert c.DS01Spawner.service_url.startswith("http://10.5.5.5:10101{base_url}")

@@ -9,6 +9,7 @@ from ds01_spawner.container import (
     describe_limits,
     harden_request,
     limit_settings,
+    service_url,
 )
 from ds01_spawner.identity import UserIds
 from ds01_spawner.limits import Limits
@@ -176,3 +177,25 @@ def test_a_state_written_before_the_start_plan_still_reads():
 def test_the_limits_are_described_for_the_spawn_page():
     assert describe_limits(Limits(max_cpus=2, memory=GIB)) == "Limits: CPUs 2, memory 1G"
     assert describe_limits(None) == describe_limits(Limits()) == ""
+
+
+@pytest.mark.parametrize(
+    ("hub_base_url", "url"),
+    [
+        ("/hub/", "http://h:1/services/ds01/"),
+        ("/jh/hub/", "http://h:1/jh/services/ds01/"),
+        ("", "http://h:1/services/ds01/"),  # no hub at hand
+    ],
+)
+def test_the_service_url_follows_the_hubs_base_url(hub_base_url, url):
+    assert service_url("http://h:1{base_url}services/ds01/", hub_base_url) == url
+
+
+def test_a_service_url_without_the_placeholder_is_kept_as_it_is():
+    assert service_url("http://ds01.lab/", "/jh/hub/") == "http://ds01.lab/"
+
+
+def test_the_terminal_commands_are_told_where_the_service_is():
+    env = container_env(plan(service_url="http://172.17.0.1:10101/services/ds01/"))
+    assert env["DS01_SERVICE_URL"] == "http://172.17.0.1:10101/services/ds01/"
+    assert "DS01_SERVICE_URL" not in container_env(plan())
