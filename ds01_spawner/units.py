@@ -60,6 +60,23 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds}s"
 
 
+def format_remaining(seconds: float | None) -> str:
+    """A time span for people, to the two largest units: "6d 23h", "3h 59m", "45s"."""
+    if seconds is None:
+        return "none"
+    left = max(0, round(seconds))
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size or (unit == "s" and not parts):
+            parts.append(f"{left // size}{unit}")
+            left %= size
+        elif parts:
+            parts.append("")  # a zero unit between counts towards the two shown
+        if len(parts) == 2:
+            break
+    return " ".join(p for p in parts if p)
+
+
 def format_size(size: int | None) -> str:
     if size is None:
         return "none"

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from ds01_spawner.units import format_duration, parse_duration, parse_size
+from ds01_spawner.units import format_duration, format_remaining, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(
@@ -49,3 +49,13 @@ def test_a_very_long_duration_is_refused_without_backtracking():
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration("1" * 20_000)
     assert time.perf_counter() - started < 0.5
+
+
+def test_time_left_prints_to_the_two_largest_units():
+    assert [format_remaining(s) for s in (0, 61, 3605, 604797, None)] == [
+        "0s",
+        "1m 1s",
+        "1h",
+        "6d 23h",
+        "none",
+    ]

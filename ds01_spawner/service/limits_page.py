@@ -18,7 +18,7 @@ from typing import Any
 from tornado import web
 
 from ..limits import Limits
-from ..units import format_duration
+from ..units import format_duration, format_remaining
 from .base import BaseHandler
 from .hub_api import user_path
 from .retirer import Retirer, ServerView
@@ -26,7 +26,7 @@ from .retirer import Retirer, ServerView
 
 def _left(seconds: float | None, since: float) -> str | None:
     """Time left as a check saw it `since` seconds ago, counted on to now."""
-    return None if seconds is None else format_duration(max(seconds - since, 0))
+    return None if seconds is None else format_remaining(max(seconds - since, 0))
 
 
 def server_row(view: ServerView, seen_at: float, now: float) -> dict[str, Any]:
@@ -35,10 +35,10 @@ def server_row(view: ServerView, seen_at: float, now: float) -> dict[str, Any]:
         "server": f.server,
         "project": f.project,
         "started": f.started,
-        "runtime": format_duration(now - f.started),
+        "runtime": format_remaining(now - f.started),
         "runtime_left": _left(v.runtime_left, now - seen_at),
         "idle_left": _left(v.idle_left, now - seen_at),
-        "idle_limit": _left(v.idle_limit, 0),
+        "idle_limit": None if v.idle_limit is None else format_duration(v.idle_limit),
         "gpus": list(f.gpus),
         "gpu_equivalents": view.gpu_equivalents,
         "status": v.action,
