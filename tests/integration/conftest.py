@@ -195,6 +195,17 @@ class HubDriver:
             remove_user_objects(self.engine, user)
 
 
+def eventually(predicate, what: str, timeout: float = 60, interval: float = 0.3):
+    """`predicate()`'s first true value, polled until `timeout` (then fails naming `what`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def exec_in(container, cmd: str, user: str | None = None) -> tuple[int, str]:
     kwargs = {"user": user} if user else {}
     code, out = container.exec_run(["sh", "-c", cmd], **kwargs)

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
@@ -90,8 +91,16 @@ def free_port() -> int:
 
 
 class HubProcess:
-    def __init__(self, data_dir: Path, log_path: Path, base_url: str = "/", **env: str) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        log_path: Path,
+        base_url: str = "/",
+        args: tuple[str, ...] = (),
+        **env: str,
+    ) -> None:
         self.extra_env = env
+        self.extra_args = args  # more of the hub's command line, e.g. --JupyterHub.x=y
         self.base_url = base_url
         self.data_dir = data_dir
         self.log_path = log_path
@@ -146,6 +155,7 @@ class HubProcess:
                     str(REPO / "jupyterhub_config.py"),
                     f"--JupyterHub.hub_port={self.hub_port}",
                     f"--ConfigurableHTTPProxy.api_url=http://127.0.0.1:{self.api_port}",
+                    *self.extra_args,
                 ],
                 cwd=self.data_dir,
                 env=env,
@@ -230,6 +240,30 @@ class HubProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         return end_processes(self.started)
+
+
+@contextlib.contextmanager
+def hub_with_index(
+    root: Path, index_url: str, users: tuple[str, ...], args: tuple[str, ...] = ()
+) -> Iterator[HubProcess]:
+    """A hub whose builds install from the local package index at `index_url`; when it
+    stops, everything ds01 made for `users` goes too."""
+    (root / "data").mkdir()
+    hub = HubProcess(
+        root / "data",
+        root / "hub.log",
+        args=args,
+        DS01_PIP_INDEX_URL=index_url,
+        DS01_BUILD_NETWORK="host",
+    )
+    hub.start()
+    try:
+        yield hub
+    finally:
+        hub.stop()
+        engine = docker.from_env()
+        for user in users:
+            remove_user_objects(engine, user)
 
 
 def remove_user_objects(engine: docker.DockerClient, user: str) -> None:

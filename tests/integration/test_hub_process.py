@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import pytest
@@ -14,6 +13,7 @@ from ds01_spawner.builds import BuildRecords
 from ds01_spawner.identity import user_slug
 from ds01_spawner.images import image_ref
 
+from .conftest import eventually
 from .hubprocess import HubProcess, remove_user_objects, seed_workspace
 
 
@@ -127,16 +127,6 @@ def test_admin_sees_who_holds_which_gpu_in_the_ds01_service(hub_process, engine)
 
     services = hub.api("GET", "services").json()
     assert services["ds01"]["display"] is True
-
-
-def eventually(predicate, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_hub_killed_mid_build_with_servers_running_loses_nothing(hub_process, engine, tmp_path):
