@@ -562,3 +562,26 @@ async def test_a_hub_that_does_not_answer_is_a_502():
     with pytest.raises(Refusal) as refused:
         await hub.stream("users/alice/servers/thesis/progress", lambda chunk: None, 10)
     assert refused.value.status == 502
+
+
+async def test_a_launch_right_after_a_retire_waits_for_its_saved_packages(servers, hub, images):
+    own(images)
+    record_lost(images, ["ds01probe==1.0"])
+    hub.servers = {"thesis": READY}
+    slow = asyncio.Event()
+    order: list[str] = []
+
+    async def stop_slowly(user: str, server: str, timeout: float = 60) -> None:
+        await slow.wait()  # the container takes its time to go
+        hub.servers.pop(server, None)
+        order.append("stopped")
+
+    hub.stop_server = stop_slowly
+    retire = asyncio.ensure_future(servers.act(OWNER, "thesis", "retire", {"save_packages": True}))
+    launch = asyncio.ensure_future(servers.act(OWNER, "thesis", "launch", {}))
+    await asyncio.sleep(0.05)
+    assert hub.posts == [], "the launch waits while the retire runs"
+    slow.set()
+    await asyncio.gather(retire, launch)
+    assert order == ["stopped"] and images.added == [("thesis", ["ds01probe==1.0"])]
+    assert images.rebuilt == ["thesis"] and len(hub.posts) == 1, "then it starts"

@@ -11,6 +11,7 @@ session pip-installed (the record the image page offers).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -76,12 +77,22 @@ class ServerManager:
         self.images = images
         self.base_url = hub_base_url if hub_base_url.endswith("/") else hub_base_url + "/"
         self._streams: dict[str, int] = {}
+        # one launch or retire of a project at a time: a launch right after a retire
+        # --save-packages waits for the packages and the rebuild, not the old image
+        self._busy: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def _lock(self, owner: str, name: str) -> asyncio.Lock:
+        return self._busy.setdefault((owner, name), asyncio.Lock())
 
     def server_url(self, owner: str, server: str) -> str:
         """The server's path on the hub's public address (the hub adds nothing to it)."""
         return f"{self.base_url}user/{url_escape_path(owner)}/{url_escape_path(server)}/"
 
     async def act(self, owner: str, name: str, action: str, args: Mapping[str, Any]) -> dict:
+        async with self._lock(owner, name):
+            return await self._act(owner, name, action, args)
+
+    async def _act(self, owner: str, name: str, action: str, args: Mapping[str, Any]) -> dict:
         if action == "launch":
             return await self.launch(
                 owner,

@@ -97,8 +97,9 @@ def test_the_documented_flow_pip_install_retire_with_packages_launch_import(serv
         "retired",
         90,
     )
-    dockerfile = (workspace(hub, "alice", "thesis") / "Dockerfile").read_text()
-    assert '"ds01probe==1.0"' in dockerfile, "the session's package is in the image's Dockerfile"
+    # the service goes on after the terminal is gone: the package goes into the Dockerfile
+    dockerfile = workspace(hub, "alice", "thesis") / "Dockerfile"
+    eventually(lambda: '"ds01probe==1.0"' in dockerfile.read_text(), "the package saved", 30)
 
     # from another server's terminal: start it again; the start waits for the rebuild
     notes = container("alice", "notes")
