@@ -29,6 +29,7 @@ SCHEMA_DIR = Path(__file__).parent / "event-schemas"
 SCHEMA_BASE = "https://schema.ds01.dev/audit/"
 KINDS = ("server", "gpu", "build", "packages", "policy", "refusal", "image")
 MAX_LINE_BYTES = 64 * 1024  # a longer line in a trail file is not ours: skipped
+MAX_TEXT = 4000  # an event's text (an engine's error, a refusal) is cut to this
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,15 @@ def parse_time(stamp: str) -> datetime:
     stamp = stamp.removesuffix("Z")
     when = datetime.fromisoformat(stamp)
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def seconds_since(stamp: str | None) -> float | None:
+    """Seconds from an ISO 8601 time (a container's ``ds01.started_at``) until now; None
+    when there is none or it cannot be read."""
+    try:
+        return round((datetime.now(timezone.utc) - parse_time(stamp or "")).total_seconds(), 3)
+    except ValueError:
+        return None
 
 
 class MonthlyFileHandler(logging.Handler):
@@ -106,7 +116,10 @@ class AuditLog:
 
     def emit(self, kind: str, **data: Any) -> dict[str, Any] | None:
         """Record one event; None (and a warning in the log) if it could not be."""
-        clean = {k: v for k, v in data.items() if v is not None}
+        clean = {k: _bounded(v) for k, v in data.items() if v is not None}
+        if kind not in KINDS:
+            log.warning("ds01 audit: no event kind %r (%s)", kind, clean)
+            return None
         try:
             return self.logger.emit(schema_id=schema_id(kind), data=clean)
         except Exception as e:
@@ -116,6 +129,12 @@ class AuditLog:
     def close(self) -> None:
         for handler in list(self.logger.handlers):
             handler.close()
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        return value[: MAX_TEXT - 1] + "…"
+    return value
 
 
 def read_events(
@@ -138,7 +157,7 @@ def read_events(
             continue
         with open(path, "rb") as f:
             for raw in f:
-                event = _parse_line(raw)
+                event = parse_line(raw)
                 if event is None or (wanted is not None and event["__schema__"] not in wanted):
                     continue
                 if (since and event["at"] < since) or (until and event["at"] >= until):
@@ -148,7 +167,9 @@ def read_events(
     return iter(events)
 
 
-def _parse_line(raw: bytes) -> dict[str, Any] | None:
+def parse_line(raw: bytes) -> dict[str, Any] | None:
+    """One line of a trail file as an event (with ``kind`` and ``at``), or None: also for
+    readers that follow the files themselves (the metrics read only what was appended)."""
     if len(raw) > MAX_LINE_BYTES or not raw.endswith(b"\n"):
         return None  # too long to be ours, or the last line of a process killed mid-write
     try:

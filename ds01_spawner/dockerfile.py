@@ -314,6 +314,18 @@ def read_managed(dockerfile: str) -> ManagedPackages:
     )
 
 
+def package_changes(before: ManagedPackages, after: ManagedPackages) -> tuple[list[str], list[str]]:
+    """(added, removed) between two readings of the managed sections, for the audit
+    trail: pip specs as written, apt packages as ``apt:name``; a changed version is
+    one of each."""
+
+    def entries(packages: ManagedPackages) -> list[str]:
+        return [*packages.pip, *(f"apt:{a}" for a in packages.apt)]
+
+    old, new = entries(before), entries(after)
+    return [e for e in new if e not in old], [e for e in old if e not in new]
+
+
 def _checked(packages: ManagedPackages) -> ManagedPackages:
     """Validate (again) and normalize every package, refuse duplicates and
     lists too long to build."""

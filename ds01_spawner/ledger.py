@@ -219,6 +219,20 @@ def held_uuids(container_labels: dict[str, str]) -> list[str]:
     return [u for u in (container_labels or {}).get(labels.GPU_UUIDS, "").split(",") if u]
 
 
+def gpu_audit_fields(container_labels: dict[str, str]) -> dict[str, object] | None:
+    """What a gpu grant or release in the audit trail says of a container's ledger labels
+    (the GPUs, their equivalents, since when); None when it holds no GPU."""
+    uuids = held_uuids(container_labels)
+    if not uuids:
+        return None
+    try:
+        equivalents: float | None = float(container_labels.get(labels.GPU_EQUIVALENTS) or 0)
+    except ValueError:
+        equivalents = None
+    since = container_labels.get(labels.GPU_ALLOCATED_AT) or None
+    return {"uuids": uuids, "equivalents": equivalents, "since": since}
+
+
 def _holder_row(h: Holder) -> dict:
     return {
         "user": h.user,

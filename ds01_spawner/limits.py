@@ -9,6 +9,8 @@
       alice: {max_runtime: 3d}
     retirement:            # how the hub retires servers by policy (not per user)
       check_interval: 1m
+    images:                # how the service cleans project images (not per user)
+      disk_high_watermark: 80%
 
 A limit resolves user -> first matching group -> defaults -> built-in default,
 key by key. Everything here is pure: `parse_policy` turns text (or a dict)
@@ -159,7 +161,57 @@ _HIGH_DEMAND = {
     "share": _number(float, 0, 1, off=False),
     "idle_factor": _number(float, 0.01, 1, off=False),
 }
-_SECTIONS = ("defaults", "groups", "users", "retirement")
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How the service cleans project images, and what deleting a project does with its
+    workspace (the `images` section). A duration of None keeps those images for ever."""
+
+    keep_previous_for: float | None = 7 * 86400.0  # a superseded :previous, after the rebuild
+    keep_latest_for: float | None = 30 * 86400.0  # a :latest its project used or built
+    disk_high_watermark: float = 0.8  # the image disk fuller than this share ...
+    disk_low_watermark: float = 0.6  # ... is cleaned until under this one
+    clean_interval: float | None = 3600.0  # None: the cleaner does not run
+    workspace_on_delete: str = "keep"  # or "archive"
+
+
+WORKSPACE_ON_DELETE = ("keep", "archive")
+
+
+def _percent(value: Any) -> float:
+    """'80%' (or 80) -> 0.8: a share of the image disk."""
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and text.endswith("%"):
+        try:
+            text = float(text[:-1].strip())
+        except ValueError:
+            text = None
+    if isinstance(text, bool) or not isinstance(text, (int, float)):
+        raise ValueError(f"{value!r} is not a percentage; write e.g. 80%")
+    if not math.isfinite(text) or not 0 < text <= 100:
+        raise ValueError(f"{value!r} is impossible: it must be above 0% and at most 100%")
+    return text / 100
+
+
+def _choice(*choices: str):
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+_IMAGES = {
+    "keep_previous_for": parse_duration,
+    "keep_latest_for": parse_duration,
+    "disk_high_watermark": _percent,
+    "disk_low_watermark": _percent,
+    "clean_interval": parse_duration,
+    "workspace_on_delete": _choice(*WORKSPACE_ON_DELETE),
+}
+_SECTIONS = ("defaults", "groups", "users", "retirement", "images")
 
 
 @dataclass(frozen=True)
@@ -170,6 +222,7 @@ class Policy:
     groups: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # in priority order
     users: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     retirement: RetirementSettings = RetirementSettings()
+    images: ImageSettings = ImageSettings()
     source: str = "built-in defaults"
 
     def resolve(self, user: str, groups: Iterable[str] = ()) -> Limits:
@@ -220,7 +273,14 @@ def parse_policy(
         name: _limits(value, f"users.{name}", at, known_types)
         for name, value in _section(raw.get("users"), "users", at).items()
     }
-    return Policy(defaults, groups, users, _retirement(raw.get("retirement"), at), source)
+    return Policy(
+        defaults,
+        groups,
+        users,
+        _retirement(raw.get("retirement"), at),
+        _images(raw.get("images"), at),
+        source,
+    )
 
 
 def _section(value: Any, key: str, at: Located) -> dict[str, Any]:
@@ -281,6 +341,27 @@ def _retirement(value: Any, at: Located) -> RetirementSettings:
         if parsed is None:
             raise at.error(where, "needs a value")
         settings = replace(settings, **{name: parsed})
+    return settings
+
+
+def _images(value: Any, at: Located) -> ImageSettings:
+    settings = ImageSettings()
+    for name, raw in _section(value, "images", at).items():
+        where = f"images.{name}"
+        if name not in _IMAGES:
+            raise at.error(where, f"unknown setting; known: {', '.join(_IMAGES)}")
+        try:
+            settings = replace(settings, **{name: _IMAGES[name](raw)})
+        except ValueError as e:
+            raise at.error(where, str(e)) from None
+    if settings.disk_low_watermark >= settings.disk_high_watermark:
+        given = value or {}
+        key = "disk_low_watermark" if "disk_low_watermark" in given else "disk_high_watermark"
+        raise at.error(
+            f"images.{key}",
+            f"impossible: the low watermark ({settings.disk_low_watermark:.0%}) must be below "
+            f"the high one ({settings.disk_high_watermark:.0%})",
+        )
     return settings
 
 

@@ -207,6 +207,14 @@ class ProjectStore:
         project.last_used = time.time()
         self.save(slug, project)
 
+    def remove(self, slug: str, name: str) -> bool:
+        """Forget project `name` under `slug` (a deleted project); False if there was none."""
+        try:
+            (self._dir(slug) / f"{validate_project_name(name)}.json").unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
 
 # ---------------------------------------------------------------- requests
 

@@ -72,6 +72,35 @@ def prepare_workspace(path: Path, ids: UserIds, *, root: str) -> bool:
     return True
 
 
+ARCHIVE = ".archive"  # under the root; no slug or project name starts with a dot
+
+
+def archive_workspace(path: Path, *, root: str, slug: str, project: str, stamp: str) -> Path | None:
+    """Move a deleted project's workspace to ``{root}/.archive/{slug}/{project}-{stamp}``,
+    never deleting anything; None when there was no workspace to move.
+
+    A rename within the root: the files keep their owner, and a link in the
+    workspace's place is moved as a link, never followed.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        raise WorkspaceError(f"workspace {path} is not a plain directory; nothing was moved")
+    shelf = Path(root) / ARCHIVE / slug
+    shelf.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if any(p.is_symlink() for p in (shelf.parent, shelf)):
+        raise WorkspaceError(f"the archive {shelf} is a symbolic link; nothing was moved")
+    target = shelf / f"{validate_project_name(project)}-{stamp}"
+    n = 1
+    while os.path.lexists(target):
+        n += 1
+        target = shelf / f"{project}-{stamp}-{n}"
+    os.rename(path, target)
+    return target
+
+
 def write_new_file(path: Path, text: str, ids: UserIds) -> None:
     """Create `path` (never following or replacing anything there) owned by `ids`."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)

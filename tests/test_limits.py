@@ -199,3 +199,47 @@ def test_the_repo_policy_file_is_valid():
     types = [p.name for p in (repo / "images" / "types").iterdir()]
     policy = load_policy(repo / "policy.yaml", known_types=types)
     assert policy.resolve("s", ["students"]).allowed_types == ("base", "cv", "nlp")
+
+
+# ---------------------------------------------------------------- the images section
+
+
+def test_image_settings_have_defaults():
+    images = load_policy(None).images
+    assert (images.keep_previous_for, images.keep_latest_for) == (7 * 86400, 30 * 86400)
+    assert (images.disk_high_watermark, images.disk_low_watermark) == (0.8, 0.6)
+    assert images.clean_interval == 3600 and images.workspace_on_delete == "keep"
+
+
+def test_image_settings_from_the_file(tmp_path):
+    text = (
+        "images:\n  keep_previous_for: 2d\n  keep_latest_for: none\n"
+        "  disk_high_watermark: 90%\n  disk_low_watermark: 70\n"
+        "  clean_interval: 15m\n  workspace_on_delete: archive\n"
+    )
+    images = load_policy(write(tmp_path, text)).images
+    assert images.keep_previous_for == 2 * 86400 and images.keep_latest_for is None
+    assert (images.disk_high_watermark, images.disk_low_watermark) == (0.9, 0.7)
+    assert images.clean_interval == 900 and images.workspace_on_delete == "archive"
+
+
+@pytest.mark.parametrize(
+    "text, line, key, says",
+    [
+        ("images:\n  keep_previous_for: 7\n", 2, "images.keep_previous_for", "with a unit"),
+        ("images:\n  disk_high_watermark: lots\n", 2, "images.disk_high_watermark", "percentage"),
+        ("images:\n  disk_high_watermark: 120%\n", 2, "images.disk_high_watermark", "impossible"),
+        ("images:\n  disk_low_watermark: 0%\n", 2, "images.disk_low_watermark", "impossible"),
+        ("images:\n  disk_low_watermark: 85%\n", 2, "images.disk_low_watermark", "below"),
+        ("images:\n  disk_high_watermark: 50%\n", 2, "images.disk_high_watermark", "below"),
+        ("images:\n  workspace_on_delete: delete\n", 2, "images.workspace_on_delete", "keep"),
+        ("images:\n  keep_forever: true\n", 2, "images.keep_forever", "unknown setting"),
+        ("images: 80%\n", 1, "images", "mapping"),
+    ],
+)
+def test_image_setting_errors_name_file_line_and_key(tmp_path, text, line, key, says):
+    path = write(tmp_path, text)
+    with pytest.raises(PolicyError) as e:
+        load_policy(path)
+    assert (e.value.line, e.value.key) == (line, key)
+    assert says in str(e.value)

@@ -377,3 +377,41 @@ def test_a_workspace_error_has_one_status_wherever_it_is_caught(tmp_path):
     with pytest.raises(WorkspaceError) as e:
         workspace_path("/elsewhere/{user}/{project}", root=str(tmp_path), user="a", project="p")
     assert e.value.status == 400
+
+
+def test_a_removed_project_record_is_gone_and_removing_twice_says_so(tmp_path):
+    store = ProjectStore(tmp_path)
+    store.save("alice", Project("alice", "x", "base", 1.0))
+    assert store.remove("alice", "x") and store.get("alice", "x") is None
+    assert not store.remove("alice", "x")
+
+
+def test_an_archived_workspace_is_moved_aside_never_deleted(tmp_path):
+    from ds01_spawner.workspaces import archive_workspace
+
+    workspace = tmp_path / "alice" / "x"
+    workspace.mkdir(parents=True)
+    (workspace / "data.csv").write_text("1,2\n")
+    first = archive_workspace(workspace, root=str(tmp_path), slug="alice", project="x", stamp="t")
+    assert first == tmp_path / ".archive" / "alice" / "x-t"
+    assert (first / "data.csv").read_text() == "1,2\n" and not workspace.exists()
+    workspace.mkdir()
+    second = archive_workspace(workspace, root=str(tmp_path), slug="alice", project="x", stamp="t")
+    assert second.name == "x-t-2" and first.exists(), "an earlier archive is never replaced"
+    assert (
+        archive_workspace(workspace, root=str(tmp_path), slug="alice", project="x", stamp="t")
+        is None
+    )
+
+
+def test_a_workspace_that_is_a_link_is_not_archived(tmp_path):
+    from ds01_spawner.workspaces import WorkspaceError, archive_workspace
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "alice").mkdir()
+    (tmp_path / "alice" / "x").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(WorkspaceError, match="not a plain directory"):
+        archive_workspace(
+            tmp_path / "alice" / "x", root=str(tmp_path), slug="alice", project="x", stamp="t"
+        )
+    assert (tmp_path / "alice" / "x").is_symlink()
