@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +28,7 @@ import docker
 import docker.errors
 
 from . import labels
+from .audit import AuditLog
 from .buildrules import BuildRuleError, check_dockerfile, render_for_build
 from .events import EventLog
 from .images import (
@@ -161,6 +163,7 @@ class ImageBuilder:
         client_factory: ClientFactory,
         records: BuildRecords | None = None,
         max_per_user: int = 1,
+        audit: AuditLog | None = None,
     ) -> None:
         self.max_concurrent = max_concurrent
         self.max_per_user = max_per_user
@@ -169,6 +172,7 @@ class ImageBuilder:
         self._running: dict[str, Build] = {}
         self._waiting: list[Build] = []
         self.records = records
+        self.audit = audit  # each build's start and end go to the audit trail
         self._networks_ready: set[str] = set()
 
     def running(self) -> list[Build]:
@@ -249,18 +253,48 @@ class ImageBuilder:
             )
 
     def _run_unrecorded(self, build: Build) -> None:
+        began = time.monotonic()
+        self._audit(build, "start")
         try:
             image_id = self._build(build)
         except BuildError as e:
+            self._audit_end(build, began, e)
             build.publish(BuildEvent("failed", str(e), 100))
             build.finish(None, e)
         except Exception as e:  # engine gone, socket timeout, ...
             err = BuildError(f"image build could not run: {e}", build.log_lines[-20:])
+            self._audit_end(build, began, err)
             build.publish(BuildEvent("failed", str(err), 100))
             build.finish(None, err)
+        except BaseException:
+            self._audit_end(build, began, None, result="interrupted")
+            raise
         else:
+            self._audit_end(build, began, None)
             build.publish(BuildEvent("built", f"Built {build.spec.image}", 100))
             build.finish(image_id, None)
+
+    def _audit_end(
+        self, build: Build, began: float, error: BuildError | None, result: str = ""
+    ) -> None:
+        """The build's end in the audit trail, before anyone waiting on it hears of it."""
+        result = result or ("failed" if error else "succeeded")
+        seconds = round(time.monotonic() - began, 3)
+        error_text = str(error) if error else None
+        self._audit(build, "end", result=result, seconds=seconds, error=error_text)
+
+    def _audit(self, build: Build, action: str, **data: object) -> None:
+        if self.audit is not None:
+            spec = build.spec
+            project = spec.labels.get(labels.PROJECT)
+            self.audit.emit(
+                "build",
+                action=action,
+                image=spec.image,
+                user=spec.owner or None,
+                project=project,
+                **data,
+            )
 
     def _build(self, build: Build) -> str:
         spec = build.spec

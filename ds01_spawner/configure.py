@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import html
 import ipaddress
 import json
@@ -26,6 +27,12 @@ ADMIN_SCOPE = "custom:ds01:admin"
 # and retire them by policy (read who runs what since when, and in which groups)
 SERVICE_SCOPES = ["servers", "list:users", "read:users:activity", "read:users:groups"]
 SERVICE_ACCESS = "access:services!service=ds01"
+# who may scrape /services/ds01/metrics: give a Prometheus service's token this role
+METRICS_ROLE = {
+    "name": "ds01-metrics",
+    "description": "scrape the ds01 service's Prometheus metrics",
+    "scopes": ["read:metrics", SERVICE_ACCESS],
+}
 # JupyterHub's `server` role: what a server's token may do unless told otherwise
 SERVER_ROLE_SCOPES = ["users:activity!user", "access:servers!server"]
 
@@ -67,7 +74,9 @@ def configure(
     - the ``ds01`` managed service runs at /services/ds01/, listed in the hub's
       Services menu; every user may sign in to it, and `admin_users` get the
       ``custom:ds01:admin`` scope for its admin views (grant the ``ds01-admin``
-      role to more users or groups in your own load_roles);
+      role to more users or groups in your own load_roles), and may scrape its
+      metrics, as may the ``ds01-metrics`` role (list your Prometheus service in
+      a role of that name in your load_roles: ds01 fills in its scopes);
     - `simulated_gpus` > 0 presents that many pretend GPUs, to spawner and service;
     - the service listens on `service_ip` (default: where containers reach the hub),
       so the terminal commands in every server reach it, with the server's own
@@ -122,7 +131,7 @@ def configure(
         },
     ]
     c.JupyterHub.load_roles = [
-        *_get(c.JupyterHub, "load_roles", []),
+        *with_metrics_role(_get(c.JupyterHub, "load_roles", [])),
         # everyone may sign in to the service (its pages check finer rights)
         {"name": "user", "scopes": ["self", SERVICE_ACCESS]},
         # the service itself: restarts on a rebuilt image, retirement by policy
@@ -135,7 +144,7 @@ def configure(
         {
             "name": "ds01-admin",
             "description": "ds01 admin views: every user's GPUs and images",
-            "scopes": [ADMIN_SCOPE, SERVICE_ACCESS],
+            "scopes": [ADMIN_SCOPE, SERVICE_ACCESS, "read:metrics"],
             "users": sorted(admin_users),
         },
     ]
@@ -148,6 +157,17 @@ def configure(
             _get(c.JupyterHub, "template_vars", {}).get("announcement", ""),
         ),
     }
+
+
+def with_metrics_role(roles: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The admin's roles and ``ds01-metrics``: theirs of that name (which lists who may
+    scrape) with its description and scopes filled in where unset, else ours, empty."""
+    name = METRICS_ROLE["name"]
+    ours = [] if any(r.get("name") == name for r in roles) else [{"name": name}]
+    return [
+        {**copy.deepcopy(METRICS_ROLE), **r} if r.get("name") == name else r
+        for r in [*roles, *ours]
+    ]
 
 
 def _reachable_ip(c: Any, network: str) -> str:

@@ -5,20 +5,24 @@ workspaces, image builds, the lab policy, the GPU inventory. `DS01Spawner`
 inherits it, so admins keep writing ``c.DS01Spawner.<name>``; the service
 builds one from the hub's final values, which configure(c) hands it in
 $DS01_SERVICE_SETTINGS (`from_environ`). The objects built from these settings
-(the build pool, the policy, the GPU allocator) exist once per process and
-settings: every spawner, or the service's handlers, share them (`shared`).
+(the build pool, the policy, the GPU allocator, the audit trail) exist once
+per process and settings: every spawner, or the service's handlers, share them
+(`shared`). One setting is the hub's alone: `audit_handlers` holds objects,
+which cannot travel in that JSON (`HUB_ONLY`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from traitlets import Bool, Dict, Float, Integer, List, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Float, Instance, Integer, List, TraitError, Unicode, validate
 from traitlets.config import Config, LoggingConfigurable
 
+from .audit import AuditLog
 from .builds import BuildRecords, ImageBuilder
 from .engine import docker_client
 from .gpus import GpuAllocator, GpuPolicy, gpu_allocator
@@ -225,7 +229,8 @@ class DS01Settings(LoggingConfigurable):
         help="""YAML file of per-user and per-group limits (see policy.yaml in the repo).
 
         Sections `defaults`, `groups` (JupyterHub groups; a user in several gets
-        the first one listed), `users` and `retirement`. Validated when the hub
+        the first one listed), `users`, `retirement` and `images` (the image
+        cleaner, a deleted project's workspace). Validated when the hub
         starts (an error names the file, line and key and stops the hub) and
         re-read whenever it changes: a broken edit keeps the previous policy in
         force and is logged. Empty: only `policy` applies.
@@ -278,9 +283,26 @@ class DS01Settings(LoggingConfigurable):
         help="... or above this utilization in percent, as NVML reports it.",
     ).tag(config=True)
 
+    # ------------------------------------------------------------ the audit trail
+
+    audit_handlers = List(
+        Instance(logging.Handler),
+        help="""More destinations for the hub's audit trail (logging handlers), e.g. a
+        `logging.handlers.SysLogHandler` for the lab's log collector.
+
+        Every event (server start/ready/stop, GPU grant/release, builds, refusals,
+        ...) is always appended to a file per month under `state_dir`/audit
+        (`2026-01.hub.jsonl`); these get each event too, as JSON. A failing
+        handler is logged and never holds up a spawn. The hub's own: the ds01
+        service writes only its own file (`2026-01.service.jsonl`).
+        """,
+    ).tag(config=True)
+
     # DockerSpawner defaults that fit the DS01 model.
 
     # ------------------------------------------------------------ what they make
+
+    audit_process = "hub"  # the audit file's name part; "service" from from_environ
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> DS01Settings:
@@ -290,7 +312,9 @@ class DS01Settings(LoggingConfigurable):
         """
         given = json.loads(environ.get(SETTINGS_ENV) or "{}")
         values = {name: given[name] for name in SHARED_SETTINGS if name in given}
-        return cls(config=Config({"DS01Settings": values}))
+        settings = cls(config=Config({"DS01Settings": values}))
+        settings.audit_process = "service"
+        return settings
 
     @property
     def build_settings(self) -> BuildSettings:
@@ -318,7 +342,16 @@ class DS01Settings(LoggingConfigurable):
                 lambda: docker_client(timeout),
                 BuildRecords(self.state_dir),
                 max_per_user=self.max_builds_per_user,
+                audit=self.audit,
             ),
+        )
+
+    @property
+    def audit(self) -> AuditLog:
+        """This process's audit trail (audit.py): one writer of its file per process."""
+        key = ("audit", self.state_dir, self.audit_process)
+        return shared(
+            key, lambda: AuditLog(self.state_dir, self.audit_process, self.audit_handlers)
         )
 
     @property
@@ -363,4 +396,7 @@ class DS01Settings(LoggingConfigurable):
         return discover_types(self.project_types_dir, self.project_types or None)
 
 
-SHARED_SETTINGS: tuple[str, ...] = tuple(sorted(DS01Settings.class_trait_names(config=True)))
+HUB_ONLY = frozenset({"audit_handlers"})  # objects: they cannot reach the service as JSON
+SHARED_SETTINGS: tuple[str, ...] = tuple(
+    sorted(set(DS01Settings.class_trait_names(config=True)) - HUB_ONLY)
+)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -39,6 +40,8 @@ from traitlets import (
 
 from . import labels
 from .admission import Facts, GpuFacts, admit, gpu_refusal, gpu_request
+from .audit import seconds_since
+from .cleanup import rebuild_notice
 from .compat import allowed_options_problem, remove_problem
 from .configure import server_token_scopes
 from .container import ContainerPlan, describe_limits, harden_request, service_url
@@ -50,7 +53,7 @@ from .identity import UidAllocator, UserIds, resolve_ids
 from .images import image_ref, project_build_spec
 from .installed import InstalledRecords, record_installed, unsaved_notice
 from .launch import build_image, open_workspace
-from .ledger import LedgerSeal, held_uuids
+from .ledger import LedgerSeal, gpu_audit_fields, gpu_labels, held_uuids
 from .limits import Limits
 from .nvml import GpuSlot, GpuUnavailable
 from .picker import built_projects, gpu_choices, render_picker
@@ -282,6 +285,7 @@ class DS01Spawner(DS01Settings, DockerSpawner):
                 self.orm_spawner.user_options = None
                 self.db.commit()
             if isinstance(e, Refusal):
+                self._audit_refusal(e)
                 raise spawn_exception(e) from None
             raise
 
@@ -381,6 +385,7 @@ class DS01Spawner(DS01Settings, DockerSpawner):
             self._events.close()
 
     async def _start(self) -> tuple[str, int]:
+        began = time.monotonic()
         # validated and admitted again (apply_user_options did it too, unless an
         # admin replaced that hook), now with the GPUs as they are
         types = self.types()  # read once per start: each type's Dockerfile is a file
@@ -405,12 +410,16 @@ class DS01Spawner(DS01Settings, DockerSpawner):
         if described := describe_limits(limits):
             self._emit(_CONTAINER, described)
         self._emit(_CONTAINER, f"Starting container {self.object_name}")
+        before = self.object_id
         try:
             ip, port = await super().start()
         finally:
             # the container now carries the ledger labels, or it never will
             self.gpu_allocator.settle(self.user.name, self.name)
+            if self.object_id and self.object_id != before:
+                self._audit_created(self.plan)
         await self._until_it_answers(ip, port)
+        self._audit("server", self.plan, action="ready", seconds=round(time.monotonic() - began, 3))
         return ip, port
 
     def start_plan(
@@ -519,6 +528,8 @@ class DS01Spawner(DS01Settings, DockerSpawner):
             await self.docker("inspect_image", ref)
             self._emit(_BUILD_END, f"Image {ref} is built")
             return ref
+        if notice := rebuild_notice(self.state_dir, self.user_slug, project.name):
+            self._emit(_BUILD_START, notice)  # the image cleaner removed it: say so
         dockerfile = read_workspace_file(workspace / DOCKERFILE, self.max_dockerfile_bytes)
         await self._pull_base_image()
         spec = project_build_spec(
@@ -562,7 +573,7 @@ class DS01Spawner(DS01Settings, DockerSpawner):
         container in the background, and a quick restart would otherwise clash
         with the old name (and its GPU would still look held).
         """
-        plan, container = self.plan, self.object_id
+        plan, container, name = self.plan, self.object_id, self.object_name
         project = plan.project if plan else "?"
         inspected = None
         if container:
@@ -578,9 +589,12 @@ class DS01Spawner(DS01Settings, DockerSpawner):
                 timeout=self.save_packages_timeout,
                 log=self.log,
             )
-        uuids = held_uuids(inspected["Config"]["Labels"]) if inspected else []
+        held = (inspected["Config"]["Labels"] or {}) if inspected else self._plan_labels(plan)
+        uuids = held_uuids(held)
         keep_for = self._hold_seconds() if uuids else 0
         await super().stop(now=now)
+        if container:  # a container was started (by this hub, or before its restart)
+            self._audit_stopped(plan, name, held)
         if keep_for:
             self.gpu_holds.keep(self.user.name, project, uuids, keep_for)
             self.log.info("GPU %s kept for %s/%s for %ss", uuids, self.user.name, project, keep_for)
@@ -597,6 +611,52 @@ class DS01Spawner(DS01Settings, DockerSpawner):
             return 0
         retired = RetirementLog(self.state_dir).retired_lately(self.user.name, self.name)
         return 0 if retired else seconds
+
+    # ------------------------------------------------------------ the audit trail
+
+    def _audit(self, kind: str, plan: ContainerPlan | None, **data: Any) -> None:
+        """One event of this server in the audit trail (audit.py: never raises or waits)."""
+        fields = {"project": plan.project if plan else None, **data}
+        self.audit.emit(kind, user=self.user.name, server=self.name, **fields)
+
+    def _audit_created(self, plan: ContainerPlan | None) -> None:
+        """The container exists: its start, and the GPUs its ledger labels give it."""
+        self._audit("server", plan, action="start", container=self.object_name, image=self.image)
+        if gpus := gpu_audit_fields(self._plan_labels(plan)):
+            group = self._policy_group()
+            self._audit("gpu", plan, action="grant", group=group, node=socket.gethostname(), **gpus)
+
+    def _audit_stopped(self, plan: ContainerPlan | None, name: str, held: dict[str, str]) -> None:
+        """The container is gone: its stop (how long it ran), and its GPUs' release."""
+        ran = seconds_since(held.get(labels.STARTED_AT))
+        self._audit("server", plan, action="stop", container=name, seconds=ran)
+        if gpus := gpu_audit_fields(held):
+            self._audit("gpu", plan, action="release", node=socket.gethostname(), **gpus)
+
+    def _audit_refusal(self, e: Refusal) -> None:
+        options = self.user_options if isinstance(self.user_options, dict) else {}
+        project = options.get("project")
+        self._audit(
+            "refusal",
+            None,
+            project=project if isinstance(project, str) else None,
+            reason=e.reason or "refused",
+            status=e.status,
+            message=e.message,
+        )
+
+    @staticmethod
+    def _plan_labels(plan: ContainerPlan | None) -> dict[str, str]:
+        """The ledger labels a plan gives its container (none after a hub restart: the
+        plan it keeps holds no GPUs, the container's labels do)."""
+        return gpu_labels(list(plan.gpus), plan.gpus_since) if plan and plan.gpus else {}
+
+    def _policy_group(self) -> str | None:
+        """The policy group the user's limits come from, if any."""
+        try:
+            return self.policy_store.current().group_for(g.name for g in self.user.groups)
+        except PolicyError:
+            return None
 
     # ------------------------------------------------------------ the container request
 

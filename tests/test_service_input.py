@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Awaitable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -245,10 +246,132 @@ async def test_concurrent_edits_of_one_project_all_land(manager, project):
 # ---------------------------------------------------------------- the page's rules
 
 
-async def test_only_admins_delete_images(manager, project):
+class FakeEngine:
+    """The engine calls `ImageManager` makes while deleting a project."""
+
+    def __init__(self, images: dict[str, dict] | None = None) -> None:
+        self.images = dict(images or {})
+        self.removed: list[str] = []
+
+    async def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "inspect_image":
+            if args[0] not in self.images:
+                raise docker.errors.ImageNotFound(args[0])
+            return self.images[args[0]]
+        if method == "containers":
+            return []
+        if method == "remove_image":
+            del self.images[args[0]]
+            self.removed.append(args[0])
+            return None
+        raise AssertionError(f"unexpected engine call {method}")
+
+
+class FakeHub:
+    def __init__(self, servers: dict[str, dict] | None = None) -> None:
+        self.servers = servers or {}
+        self.calls: list[tuple[str, str, Any]] = []
+
+    async def call(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
+        self.calls.append((method, path, body))
+        return {"name": "alice", "servers": self.servers} if method == "GET" else None
+
+
+@pytest.fixture
+def deletable(manager, project, monkeypatch) -> tuple[ImageManager, Project, FakeEngine]:
+    """alice's project "thesis", recorded, built twice, stopped."""
+    manager.store.save(manager.store.slug("alice"), project)
+    engine = FakeEngine(
+        {
+            "ds01-alice/thesis:latest": {"Id": "sha256:new", "Size": 300, "Config": {}},
+            "ds01-alice/thesis:previous": {"Id": "sha256:old", "Size": 200, "Config": {}},
+        }
+    )
+    monkeypatch.setattr(manager, "_docker", engine)
+    monkeypatch.setattr(manager, "hub", FakeHub())
+    return manager, project, engine
+
+
+def unchanged(manager: ImageManager, engine: FakeEngine) -> bool:
+    return (
+        engine.removed == []
+        and manager.store.get("alice", "thesis") is not None
+        and (manager._workspace(Project("alice", "thesis", "base", 0.0)) / "Dockerfile").exists()
+    )
+
+
+async def test_only_the_owner_or_an_admin_deletes_a_project(deletable):
+    manager, project, engine = deletable
     with pytest.raises(Refusal) as e:
-        await manager.delete(project, by_admin=False)
-    assert e.value.status == 403
+        await manager.delete(project, by_admin=False, by="bob", confirm="thesis")
+    assert e.value.status == 403 and unchanged(manager, engine)
+
+
+async def test_the_owner_deletes_a_project_and_its_workspace_is_kept(deletable):
+    manager, project, engine = deletable
+    workspace = manager._workspace(project)
+    result = await manager.delete(project, by_admin=False, by="alice", confirm="thesis")
+    assert engine.removed == ["ds01-alice/thesis:latest", "ds01-alice/thesis:previous"]
+    assert manager.store.get("alice", "thesis") is None
+    assert (workspace / "Dockerfile").exists() and result["workspace"] == "kept"
+    assert (
+        result["message"] == "Project thesis deleted: its images are gone; its workspace is kept."
+    )
+    assert ("DELETE", "users/alice/servers/thesis", {"remove": True}) in manager.hub.calls
+
+
+async def test_deleting_a_project_is_in_the_audit_trail(deletable):
+    from ds01_spawner.audit import read_events
+
+    manager, project, _ = deletable
+    await manager.act(project, "delete", {"confirm": "thesis"}, by_admin=False, by="alice")
+    events = list(read_events(manager.settings.state_dir, kinds=["image"]))
+    assert [(e["image"], e["reason"], e["bytes"], e["by"]) for e in events] == [
+        ("ds01-alice/thesis:latest", "project_deleted", 300, "alice"),
+        ("ds01-alice/thesis:previous", "project_deleted", 200, "alice"),
+    ]
+
+
+async def test_an_admin_deletes_anyones_project(deletable):
+    manager, project, engine = deletable
+    await manager.delete(project, by_admin=True, by="root", confirm="thesis")
+    assert len(engine.removed) == 2 and manager.store.get("alice", "thesis") is None
+
+
+async def test_the_policy_can_archive_a_deleted_projects_workspace(deletable, monkeypatch):
+    manager, project, _ = deletable
+    monkeypatch.setattr(manager, "workspace_on_delete", lambda: "archive")
+    workspace = manager._workspace(project)
+    result = await manager.delete(project, by_admin=False, by="alice", confirm="thesis")
+    archived = Path(result["workspace_path"])
+    assert not workspace.exists() and (archived / "Dockerfile").exists()
+    assert archived.parent == Path(manager.settings.workspace_root) / ".archive" / "alice"
+    assert archived.name.startswith("thesis-") and result["workspace"] == "archived"
+
+
+@pytest.mark.parametrize(
+    "servers",
+    [
+        {"thesis": {"ready": True}},
+        {"thesis": {"ready": False, "pending": "spawn"}},
+        {"": {"ready": True, "user_options": {"project": "thesis"}}},
+    ],
+    ids=["running", "starting", "the default server runs it"],
+)
+async def test_a_project_that_runs_or_starts_is_not_deleted(deletable, servers):
+    manager, project, engine = deletable
+    manager.hub.servers = servers
+    with pytest.raises(Refusal, match="stop the project's server") as e:
+        await manager.delete(project, by_admin=False, by="alice", confirm="thesis")
+    assert e.value.status == 409 and unchanged(manager, engine)
+
+
+@pytest.mark.parametrize("confirm", [None, "", "thesi", "THESIS", ["thesis"]])
+async def test_deleting_a_project_needs_its_name_typed(deletable, confirm):
+    manager, project, engine = deletable
+    with pytest.raises(Refusal, match="type the project's name") as e:
+        await manager.delete(project, by_admin=False, by="alice", confirm=confirm)
+    assert e.value.status == 400 and unchanged(manager, engine)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from .. import labels
 from ..configure import ADMIN_SCOPE
 from ..settings import DS01Settings
 from .base import MAX_BODY_BYTES
+from .cleaner import Cleaner
 from .gpu_page import GpuHandler
 from .hub_api import HubClient
 from .image_manager import ACTION_FIELDS, ImageManager
@@ -32,9 +33,11 @@ from .image_page import (
     ProjectListHandler,
 )
 from .limits_page import LimitsHandler, PolicyReloadHandler
+from .metrics import Metrics, MetricsHandler
 from .retirer import Retirer
 from .server_page import ServerActionHandler, ServerProgressHandler
 from .servers import SERVER_ACTION_FIELDS, ServerManager
+from .usage_page import UsageHandler
 
 BIND_RETRY_SECONDS = 10  # how long a port held by an exiting service is waited for
 
@@ -97,7 +100,9 @@ class DS01Service(Application):
             loader=FileSystemLoader(Path(__file__).parent / "templates"),
             autoescape=select_autoescape(),
         )
-        self.retirer = Retirer(hub, shared.policy_store, shared.gpu_allocator, shared.state_dir)
+        self.retirer = Retirer(
+            hub, shared.policy_store, shared.gpu_allocator, shared.state_dir, audit=shared.audit
+        )
         manager = ImageManager(shared, hub, allow_url_packages=self.allow_url_packages)
         hub_base_url = os.environ.get("JUPYTERHUB_BASE_URL", "/")
         settings = {
@@ -111,6 +116,7 @@ class DS01Service(Application):
             "ds01": self,
             "templates": templates,
             "allocator": shared.gpu_allocator,
+            "metrics": Metrics.for_service(shared),
             "hub_base_url": hub_base_url,
         }
         return web.Application(
@@ -130,6 +136,8 @@ class DS01Service(Application):
                 (url_path_join(prefix, f"api/projects/{project}/progress"), ServerProgressHandler),
                 (url_path_join(prefix, "(?:api/)?gpus"), GpuHandler),
                 (url_path_join(prefix, "(?:api/)?limits"), LimitsHandler),
+                (url_path_join(prefix, "metrics"), MetricsHandler),
+                (url_path_join(prefix, r"(?:api/)?usage(?P<csv>\.csv)?"), UsageHandler),
                 (url_path_join(prefix, "(?:api/)?policy/reload"), PolicyReloadHandler),
                 (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),
             ],
@@ -150,6 +158,7 @@ class DS01Service(Application):
                 "Retiring servers by the policy of %s",
                 self.shared_settings.policy_file or "config",
             )
+        ioloop.IOLoop.current().add_callback(Cleaner.for_service(self.shared_settings).start)
         ioloop.IOLoop.current().start()
 
     def listen(self, app: web.Application) -> httpserver.HTTPServer:

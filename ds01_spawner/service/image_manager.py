@@ -14,6 +14,7 @@ import contextlib
 import os
 import secrets
 import stat
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,13 @@ from tornado.httpclient import HTTPClientError
 
 from .. import labels
 from ..builds import Build
+from ..cleanup import CleanedRecords
 from ..dockerfile import (
     DockerfileError,
     ManagedPackages,
     add_packages,
     check_package_count,
+    package_changes,
     read_managed,
 )
 from ..dockerfile import remove_packages as drop_packages
@@ -48,6 +51,7 @@ from ..packages import (
     validate_apt_package,
     validate_pip_spec,
 )
+from ..policyfile import PolicyError
 from ..projects import (
     DOCKERFILE,
     InvalidRequest,
@@ -57,6 +61,7 @@ from ..projects import (
 from ..settings import DS01Settings
 from ..workspaces import (
     WorkspaceError,
+    archive_workspace,
     read_workspace_file,
     workspace_path,
     write_new_file,
@@ -71,7 +76,7 @@ ACTION_FIELDS: dict[str, frozenset[str]] = {
     "rebuild": frozenset({"nocache"}),
     "rollback": frozenset(),
     "restart": frozenset(),
-    "delete": frozenset(),
+    "delete": frozenset({"confirm"}),
 }
 
 
@@ -105,6 +110,12 @@ def package_edit(args: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def disk_use(described: Sequence[Mapping[str, Any]]) -> int:
+    """The bytes the images of `describe`d projects take (:latest and :previous; layers
+    shared between images are counted in each)."""
+    return sum((p.get("size") or 0) + (p.get("previous_size") or 0) for p in described)
+
+
 class ImageManager:
     """The image page's work for every user, over the hub's settings (`DS01Settings`):
     its workspaces, state directory, build settings and build pool."""
@@ -118,6 +129,7 @@ class ImageManager:
         self.hub = hub
         self.store = settings.store
         self.installed = InstalledRecords(settings.state_dir)
+        self.cleaned = CleanedRecords(settings.state_dir)
         self.client = docker_client()
         self._edit_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
@@ -194,6 +206,10 @@ class ImageManager:
             "built": bool(latest),
             "built_at": (latest or {}).get("Created", "")[:19].replace("T", " "),
             "size": (latest or {}).get("Size"),
+            # the rollback image takes space too, unless it is the same image
+            "previous_size": (previous or {}).get("Size")
+            if previous and previous["Id"] != (latest or {}).get("Id")
+            else None,
             "image_id": (latest or {}).get("Id"),
             "previous_id": (previous or {}).get("Id"),
             "dockerfile_changed": bool(latest)
@@ -207,6 +223,8 @@ class ImageManager:
             "build": self.build_status(project),
             # pip-installed in the last container and lost at its retire
             "installed_last_session": self.installed.last_session(slug, project.name),
+            # the image cleaner removed :latest (the next start rebuilds it)
+            "cleaned": None if latest else self.cleaned.read(slug, project.name),
         }
 
     async def _inspect(self, ref: str) -> dict | None:
@@ -225,12 +243,19 @@ class ImageManager:
     # ---------------------------------------------------------------- changing
 
     async def act(
-        self, project: Project, action: str, args: Mapping[str, Any], *, by_admin: bool
+        self,
+        project: Project,
+        action: str,
+        args: Mapping[str, Any],
+        *,
+        by_admin: bool,
+        by: str = "",
     ) -> dict[str, Any]:
         """One of the page's actions (`ACTION_FIELDS`), its arguments as a form or a JSON
-        body gave them; the result's "message" is what the page says it did."""
+        body gave them; the result's "message" is what the page says it did. `by`: who
+        asks (the hub user), for the audit trail."""
         if action == "packages":
-            packages = await self.update_packages(project, **package_edit(args))
+            packages = await self.update_packages(project, **package_edit(args), by=by)
             result = {
                 "message": "Packages updated: rebuild to use them.",
                 "packages": {"pip": list(packages.pip), "apt": list(packages.apt)},
@@ -252,8 +277,7 @@ class ImageManager:
             servers = await self.restart(project)
             return {"message": "Restarting on the new image.", "servers": servers}
         if action == "delete":
-            await self.delete(project, by_admin=by_admin)
-            return {"message": "Image deleted."}
+            return await self.delete(project, by_admin=by_admin, by=by, confirm=args.get("confirm"))
         raise Refusal(f"unknown action {action!r}", status=404)
 
     async def update_packages(
@@ -265,6 +289,7 @@ class ImageManager:
         requirements: str = "",
         remove_pip: Sequence[str] = (),
         remove_apt: Sequence[str] = (),
+        by: str = "",
     ) -> ManagedPackages:
         """Validate every input first, then rewrite the Dockerfile's managed sections once.
 
@@ -282,6 +307,7 @@ class ImageManager:
                 requirements=requirements,
                 remove_pip=remove_pip,
                 remove_apt=remove_apt,
+                by=by,
             )
 
     def _update_packages(
@@ -293,6 +319,7 @@ class ImageManager:
         requirements: str,
         remove_pip: Sequence[str],
         remove_apt: Sequence[str],
+        by: str = "",
     ) -> ManagedPackages:
         allow = self.allow_url_packages
         try:
@@ -310,6 +337,15 @@ class ImageManager:
             raise Refusal(str(e), status=400) from None
         if edited != text:
             self._write_dockerfile(project, edited)
+            added, removed = package_changes(read_managed(text), read_managed(edited))
+            self.settings.audit.emit(
+                "packages",
+                user=project.owner,
+                project=project.name,
+                added=added,
+                removed=removed,
+                by=by or None,
+            )
         if pip:  # what is in the image now need not be offered again
             self.installed.forget(self.store.slug(project.owner), project.name, pip)
         return read_managed(edited)
@@ -373,17 +409,107 @@ class ImageManager:
             await self._docker("tag", latest["Id"], repo, "previous")
         return {"latest": previous["Id"], "previous": (latest or {}).get("Id", "")}
 
-    async def delete(self, project: Project, *, by_admin: bool) -> None:
-        """Remove the project's images (not its workspace): admins only, and not while
-        a server runs it."""
-        if not by_admin:
-            raise Refusal("only admins delete images", status=403)
-        if any(r for r in (await self.describe(project))["running"]):
-            raise Refusal("stop the project's server before deleting its image", status=409)
-        repo = image_repository(self.store.slug(project.owner), project.name)
+    async def delete(
+        self, project: Project, *, by_admin: bool, by: str = "", confirm: Any = None
+    ) -> dict[str, Any]:
+        """Delete a project, for its owner or an admin, never while a server runs it or its
+        image builds: its images and its record go; its workspace is kept, or archived
+        (moved under ``{workspace_root}/.archive/``) by the policy's `workspace_on_delete`,
+        never deleted. `confirm` must be the project's name. `by`: who asks."""
+        if not by_admin and by != project.owner:
+            raise Refusal("only the project's owner or an admin deletes a project", status=403)
+        await self._check_stopped(project)
+        if confirm != project.name:
+            raise Refusal(
+                f"type the project's name ({project.name}) to confirm deleting it", status=400
+            )
+        keep = self.workspace_on_delete() == "keep"
+        slug = self.store.slug(project.owner)
+        repo = image_repository(slug, project.name)
+        removed = []
         for tag in ("latest", "previous"):
-            with contextlib.suppress(docker.errors.ImageNotFound):
-                await self._docker("remove_image", f"{repo}:{tag}")
+            ref = f"{repo}:{tag}"
+            info = await self._inspect(ref)
+            try:
+                if info is not None:
+                    await self._docker("remove_image", ref)
+            except docker.errors.ImageNotFound:
+                continue
+            except docker.errors.APIError as e:
+                raise Refusal(
+                    f"the image {ref} cannot be removed ({e.explanation or e}); nothing else "
+                    "was changed, try again when it is free",
+                    status=409,
+                ) from None
+            if info is not None:
+                removed.append(ref)
+                self.settings.audit.emit(
+                    "image",
+                    action="remove",
+                    user=project.owner,
+                    project=project.name,
+                    image=ref,
+                    reason="project_deleted",
+                    bytes=info.get("Size"),
+                    by=by or None,
+                )
+        workspace = self._workspace(project)
+        if not keep:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            workspace = archive_workspace(
+                workspace,
+                root=self.settings.workspace_root,
+                slug=slug,
+                project=project.name,
+                stamp=stamp,
+            )
+        self.store.remove(slug, project.name)
+        self.cleaned.forget(slug, project.name)
+        await self._forget_server(project)
+        kept = "kept" if keep else "archived"
+        return {
+            "deleted": project.name,
+            "images": removed,
+            "workspace": kept if workspace else "none",
+            "workspace_path": str(workspace or ""),
+            "message": f"Project {project.name} deleted: its images are gone"
+            + (f"; its workspace is {kept}." if workspace else "."),
+        }
+
+    def workspace_on_delete(self) -> str:
+        """What deleting a project does with its workspace: the policy's "keep" or "archive"
+        (with no policy in force: keep)."""
+        try:
+            return self.settings.policy_store.current().images.workspace_on_delete
+        except PolicyError:
+            return "keep"
+
+    async def _check_stopped(self, project: Project) -> None:
+        """409 while the project runs or starts (the hub's view), or its image builds."""
+        try:
+            model = await self.hub.call("GET", user_path(project.owner))
+        except HTTPClientError as e:
+            if e.code != 404:  # 404: a user the hub no longer has runs nothing
+                raise Refusal(f"the hub did not say whether it runs: {e}", status=502) from None
+            model = {}
+        for name, server in ((model or {}).get("servers") or {}).items():
+            options = server.get("user_options") or {}
+            if project.name in (name, options.get("project")) and (
+                server.get("ready") or server.get("pending")
+            ):
+                raise Refusal("stop the project's server before deleting the project", status=409)
+        if (await self.describe(project))["running"]:
+            raise Refusal("stop the project's server before deleting the project", status=409)
+        if (self.build_status(project) or {}).get("status") == "running":
+            raise Refusal("the project's image is being built; delete it afterwards", status=409)
+
+    async def _forget_server(self, project: Project) -> None:
+        """The hub's stopped named server of the project goes too (best effort)."""
+        # no such named server (a project of the default server), or no hub: nothing to do
+        with contextlib.suppress(HTTPClientError, Refusal):
+            await self.hub.call(
+                "DELETE", server_path(project.owner, project.name), {"remove": True}
+            )
 
     async def restart(self, project: Project) -> list[str]:
         """Retire the project's running server(s) and start them again on the new image."""

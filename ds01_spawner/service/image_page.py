@@ -20,7 +20,7 @@ from ..builds import Build
 from ..errors import Refusal
 from ..projects import Project
 from .base import BaseHandler
-from .image_manager import ACTION_FIELDS, ImageManager
+from .image_manager import ACTION_FIELDS, ImageManager, disk_use
 
 KEEPALIVE_SECONDS = 25
 
@@ -80,12 +80,15 @@ class ProjectListHandler(ProjectBase):
             {"image": b.spec.image, "status": "running" if not b.done.is_set() else "done"}
             for b in self.manager.builder.running()
         ]
+        total = disk_use(projects)
         self.respond(
-            {"projects": projects, "builds": queue if everyone else None},
+            {"projects": projects, "builds": queue if everyone else None, "disk_use": total},
             "images.html",
             projects=projects,
             everyone=everyone,
             queue=queue,
+            disk_use=total,
+            message=self.get_argument("msg", ""),
         )
 
 
@@ -98,6 +101,7 @@ class ProjectHandler(ProjectBase):
             info,
             "project.html",
             p=info,
+            workspace_on_delete=self.manager.workspace_on_delete(),
             message=self.get_argument("msg", ""),
             error=self.get_argument("error", ""),
         )
@@ -105,8 +109,13 @@ class ProjectHandler(ProjectBase):
     @web.authenticated
     async def delete(self, owner: str, name: str) -> None:
         project = self.project_for(owner, name)
-        await self.manager.delete(project, by_admin=self.is_admin)
-        self.write_json({"deleted": project.name})
+        result = await self.manager.delete(
+            project,
+            by_admin=self.is_admin,
+            by=self.current_user["name"],
+            confirm=self.get_argument("confirm", None),
+        )
+        self.write_json(result)
 
 
 class ProjectActionHandler(ProjectBase):
@@ -122,14 +131,17 @@ class ProjectActionHandler(ProjectBase):
             owner,
             name,
             ACTION_FIELDS.get(action, frozenset()),
-            lambda args: self.manager.act(project, action, args, by_admin=self.is_admin),
+            lambda args: self.manager.act(
+                project, action, args, by_admin=self.is_admin, by=self.current_user["name"]
+            ),
         )
         if result is None:
             return
         if self.is_api:
             self.write_json(result, 202 if action == "rebuild" else 200)
         elif action == "delete":
-            self.redirect(f"{self.ds01.prefix}?all=1" if self.is_admin else self.ds01.prefix)
+            done = f"msg={quote(result['message'])}"
+            self.redirect(f"{self.ds01.prefix}?{'all=1&' if self.is_admin else ''}{done}")
         else:
             self.redirect(self.page_url(owner, name, msg=result["message"]))
 

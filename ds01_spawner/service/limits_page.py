@@ -144,7 +144,7 @@ class PolicyReloadHandler(BaseHandler):
     @web.authenticated
     async def post(self) -> None:
         self.require_admin()
-        policy = self.settings["retirer"].reload_policy()
+        policy = self.settings["retirer"].reload_policy(by=self.current_user["name"])
         if self.is_api:
             self.write_json({"source": policy.source, "reloaded": True})
         else:

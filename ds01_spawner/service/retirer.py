@@ -21,8 +21,10 @@ from datetime import datetime
 from typing import Any
 
 from .. import labels
+from ..audit import AuditLog
 from ..engine import docker_client
 from ..errors import Refusal
+from ..gpu_samples import GpuSamples
 from ..gpus import GpuAllocator
 from ..ledger import Holder
 from ..limits import Limits, Policy, PolicyStore
@@ -68,6 +70,8 @@ class Snapshot:
     servers: list[ServerView] = field(default_factory=list)
     users: dict[str, list[str]] = field(default_factory=dict)  # user -> groups
     share: float = 0.0
+    gpus: list[GpuSlot] = field(default_factory=list)  # with their utilization
+    holders: list[Holder] = field(default_factory=list)  # the ledger
 
 
 class Retirer:
@@ -78,13 +82,16 @@ class Retirer:
         allocator: GpuAllocator,
         state_dir: str,
         clock: Callable[[], float] = time.time,
+        audit: AuditLog | None = None,
     ) -> None:
         self.hub = hub
         self.policies = policies
         self.allocator = allocator
         self.retirements = RetirementLog(state_dir)
         self.notices = Notices(state_dir)
+        self.gpu_samples = GpuSamples(state_dir)  # utilization while held, for the usage page
         self.clock = clock
+        self.audit = audit  # retirements and policy reloads go to the audit trail
         self.gpu_busy_at: dict[tuple[str, str], float] = {}
         self._warned: set[tuple[tuple[str, str], str]] = set()
         self.last: Snapshot | None = None
@@ -101,12 +108,20 @@ class Retirer:
         except PolicyError as e:
             raise Refusal(f"no lab policy in force: {e}", status=503) from None
 
-    def reload_policy(self) -> Policy:
+    def reload_policy(self, by: str = "") -> Policy:
         """Re-read the policy file now; a broken file is refused and the old policy stays."""
+        source = self.policies.path or "config"
         try:
-            return self.policies.reload()
+            policy = self.policies.reload()
         except PolicyError as e:
+            self._audit("policy", action="refused", source=source, by=by or None, error=str(e))
             raise Refusal(f"policy not reloaded, the previous one stays: {e}") from None
+        self._audit("policy", action="reload", source=policy.source, by=by or None)
+        return policy
+
+    def _audit(self, kind: str, **data: Any) -> None:
+        if self.audit is not None:
+            self.audit.emit(kind, **data)
 
     # ------------------------------------------------------------ facts
 
@@ -164,7 +179,8 @@ class Retirer:
             for s in slots
             if s.utilization is not None and s.utilization >= policy.retirement.gpu_busy_percent
         }
-        snapshot = Snapshot(at=now, share=share)
+        snapshot = Snapshot(at=now, share=share, gpus=slots)
+        snapshot.holders = [h for holders in held.values() for h in holders]
         for user in users:
             snapshot.users[user["name"]] = list(user.get("groups") or [])
             for name, server in (user.get("servers") or {}).items():
@@ -198,6 +214,7 @@ class Retirer:
         """Judge every running server once; warn and retire as the policy says."""
         snapshot = await self.survey()
         now = snapshot.at
+        self.gpu_samples.record(snapshot.holders, snapshot.gpus, now)  # for efficiency
         warnings: dict[str, list[dict[str, Any]]] = {}
         running = {(v.facts.user, v.facts.server) for v in snapshot.servers}
         for view in snapshot.servers:
@@ -302,6 +319,16 @@ class Retirer:
             await self.hub.call("DELETE", server_path(facts.user, facts.server))
         except Exception as e:  # the next check tries again
             log.error("Could not retire %s/%s: %s", facts.user, facts.project, e)
+            return
+        self._audit(
+            "server",
+            action="retire",
+            user=facts.user,
+            server=facts.server,
+            project=facts.project,
+            reason=entry.reason,
+            message=entry.message,
+        )
 
     # ------------------------------------------------------------ the loop
 
