@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -40,7 +39,6 @@ from traitlets import (
 
 from . import labels
 from .admission import Facts, GpuFacts, admit, gpu_refusal, gpu_request
-from .audit import seconds_since
 from .cleanup import rebuild_notice
 from .compat import allowed_options_problem, remove_problem
 from .configure import server_token_scopes
@@ -53,7 +51,7 @@ from .identity import UidAllocator, UserIds, resolve_ids
 from .images import image_ref, project_build_spec
 from .installed import InstalledRecords, record_installed, unsaved_notice
 from .launch import build_image, open_workspace
-from .ledger import LedgerSeal, gpu_audit_fields, gpu_labels, held_uuids
+from .ledger import LedgerSeal, held_uuids
 from .limits import Limits
 from .nvml import GpuSlot, GpuUnavailable
 from .picker import built_projects, gpu_choices, render_picker
@@ -69,6 +67,7 @@ from .projects import (
 )
 from .ready import server_url, wait_until_answers
 from .retirement import RetirementLog
+from .serveraudit import ServerAudit
 from .settings import DS01Settings
 from .workspaces import read_workspace_file
 
@@ -78,7 +77,7 @@ MAX_PROGRESS_EVENTS = 2000
 _BUILD_START, _BUILD_END, _CONTAINER, _ANSWER = 10, 85, 90, 95
 
 
-class DS01Spawner(DS01Settings, DockerSpawner):
+class DS01Spawner(ServerAudit, DS01Settings, DockerSpawner):
     """Spawn each project of a user in a container of the project's own image."""
 
     # ------------------------------------------------------------ who runs it
@@ -611,52 +610,6 @@ class DS01Spawner(DS01Settings, DockerSpawner):
             return 0
         retired = RetirementLog(self.state_dir).retired_lately(self.user.name, self.name)
         return 0 if retired else seconds
-
-    # ------------------------------------------------------------ the audit trail
-
-    def _audit(self, kind: str, plan: ContainerPlan | None, **data: Any) -> None:
-        """One event of this server in the audit trail (audit.py: never raises or waits)."""
-        fields = {"project": plan.project if plan else None, **data}
-        self.audit.emit(kind, user=self.user.name, server=self.name, **fields)
-
-    def _audit_created(self, plan: ContainerPlan | None) -> None:
-        """The container exists: its start, and the GPUs its ledger labels give it."""
-        self._audit("server", plan, action="start", container=self.object_name, image=self.image)
-        if gpus := gpu_audit_fields(self._plan_labels(plan)):
-            group = self._policy_group()
-            self._audit("gpu", plan, action="grant", group=group, node=socket.gethostname(), **gpus)
-
-    def _audit_stopped(self, plan: ContainerPlan | None, name: str, held: dict[str, str]) -> None:
-        """The container is gone: its stop (how long it ran), and its GPUs' release."""
-        ran = seconds_since(held.get(labels.STARTED_AT))
-        self._audit("server", plan, action="stop", container=name, seconds=ran)
-        if gpus := gpu_audit_fields(held):
-            self._audit("gpu", plan, action="release", node=socket.gethostname(), **gpus)
-
-    def _audit_refusal(self, e: Refusal) -> None:
-        options = self.user_options if isinstance(self.user_options, dict) else {}
-        project = options.get("project")
-        self._audit(
-            "refusal",
-            None,
-            project=project if isinstance(project, str) else None,
-            reason=e.reason or "refused",
-            status=e.status,
-            message=e.message,
-        )
-
-    @staticmethod
-    def _plan_labels(plan: ContainerPlan | None) -> dict[str, str]:
-        """The ledger labels a plan gives its container (none after a hub restart: the
-        plan it keeps holds no GPUs, the container's labels do)."""
-        return gpu_labels(list(plan.gpus), plan.gpus_since) if plan and plan.gpus else {}
-
-    def _policy_group(self) -> str | None:
-        """The policy group the user's limits come from, if any."""
-        try:
-            return self.policy_store.current().group_for(g.name for g in self.user.groups)
-        except PolicyError:
-            return None
 
     # ------------------------------------------------------------ the container request
 

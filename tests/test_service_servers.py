@@ -87,8 +87,9 @@ class FakeImages:
     def current_build(self, project: Project) -> Any:
         return self.build
 
-    async def update_packages(self, project: Project, *, add_pip=()) -> None:
+    async def update_packages(self, project: Project, *, add_pip=(), by: str = "") -> None:
         self.added.append((project.name, list(add_pip)))
+        self.by = by
 
     def rebuild_unless_building(self, project: Project, *, nocache: bool = False) -> Any:
         self.rebuilt.append(project.name)
@@ -585,3 +586,4 @@ async def test_a_launch_right_after_a_retire_waits_for_its_saved_packages(server
     await asyncio.gather(retire, launch)
     assert order == ["stopped"] and images.added == [("thesis", ["ds01probe==1.0"])]
     assert images.rebuilt == ["thesis"] and len(hub.posts) == 1, "then it starts"
+    assert images.by == OWNER, "the audit trail says who saved the packages"

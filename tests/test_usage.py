@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -575,3 +576,21 @@ async def test_each_retirement_check_samples_the_held_gpus_utilization(retirer):
 async def test_a_limits_page_survey_takes_no_sample(retirer):
     await retirer.latest()
     assert retirer.gpu_samples.read() == []
+
+
+async def test_a_burst_of_page_views_reads_the_trail_once(tmp_path, monkeypatch):
+    from ds01_spawner.service import usage_page
+
+    reads = []
+
+    def counting(state_dir, now):
+        reads.append(now)
+        return {}, "2026-12", "2026-11"
+
+    monkeypatch.setattr(usage_page, "usage_from_trail", counting)
+    cache = usage_page.UsageCache(str(tmp_path))
+    answers = await asyncio.gather(*(cache.rows() for _ in range(20)))
+    assert len(reads) == 1 and all(a == ({}, "2026-12", "2026-11") for a in answers)
+    monkeypatch.setattr(usage_page, "USAGE_MAX_AGE", 0.0)
+    await cache.rows()
+    assert len(reads) == 2, "older than USAGE_MAX_AGE: read again"

@@ -37,7 +37,7 @@ from .metrics import Metrics, MetricsHandler
 from .retirer import Retirer
 from .server_page import ServerActionHandler, ServerProgressHandler
 from .servers import SERVER_ACTION_FIELDS, ServerManager
-from .usage_page import UsageHandler
+from .usage_page import UsageCache, UsageHandler
 
 BIND_RETRY_SECONDS = 10  # how long a port held by an exiting service is waited for
 
@@ -108,6 +108,7 @@ class DS01Service(Application):
         settings = {
             "manager": manager,
             "servers": ServerManager(hub, manager, hub_base_url),
+            "usage": UsageCache(shared.state_dir),
             "retirer": self.retirer,
             "gpu_holds": shared.gpu_holds,
             "hub_auth": hub_auth,

@@ -35,7 +35,7 @@ class ServerActionHandler(ServerBase):
             owner,
             name,
             SERVER_ACTION_FIELDS[action],
-            lambda args: self.servers.act(owner, name, action, args),
+            lambda args: self.servers.act(owner, name, action, args, by=self.current_user["name"]),
         )
         if result is None:
             return

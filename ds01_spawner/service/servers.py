@@ -88,11 +88,16 @@ class ServerManager:
         """The server's path on the hub's public address (the hub adds nothing to it)."""
         return f"{self.base_url}user/{url_escape_path(owner)}/{url_escape_path(server)}/"
 
-    async def act(self, owner: str, name: str, action: str, args: Mapping[str, Any]) -> dict:
+    async def act(
+        self, owner: str, name: str, action: str, args: Mapping[str, Any], *, by: str = ""
+    ) -> dict:
+        """One of `SERVER_ACTION_FIELDS` for `owner`'s project, asked by `by` (the audit's)."""
         async with self._lock(owner, name):
-            return await self._act(owner, name, action, args)
+            return await self._act(owner, name, action, args, by or owner)
 
-    async def _act(self, owner: str, name: str, action: str, args: Mapping[str, Any]) -> dict:
+    async def _act(
+        self, owner: str, name: str, action: str, args: Mapping[str, Any], by: str
+    ) -> dict:
         if action == "launch":
             return await self.launch(
                 owner,
@@ -104,7 +109,7 @@ class ServerManager:
         if action == "retire":
             save = is_set(args.get("save_packages"))
             return await self.retire(
-                owner, name, save_packages=save, rebuild=is_set(args.get("rebuild", save))
+                owner, name, save_packages=save, rebuild=is_set(args.get("rebuild", save)), by=by
             )
         raise Refusal(f"unknown action {action!r}", status=404)
 
@@ -236,7 +241,13 @@ class ServerManager:
             ) from None
 
     async def retire(
-        self, owner: str, name: str, *, save_packages: bool = False, rebuild: bool = False
+        self,
+        owner: str,
+        name: str,
+        *,
+        save_packages: bool = False,
+        rebuild: bool = False,
+        by: str = "",
     ) -> dict[str, Any]:
         """Stop the project's servers (container removed, workspace and image kept).
 
@@ -257,7 +268,7 @@ class ServerManager:
         slug = self.images.store.slug(owner)
         saved = self.images.installed.lost_packages(slug, name) if save_packages else []
         if saved:
-            await self.images.update_packages(project, add_pip=saved)
+            await self.images.update_packages(project, add_pip=saved, by=by or owner)
         rebuilding = bool(saved) and rebuild
         if rebuilding:
             self.images.rebuild_unless_building(project)

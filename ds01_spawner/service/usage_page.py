@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -20,6 +21,26 @@ from ..usage import Amount, RowKey, totals, usage_csv, usage_from_trail
 from .base import BaseHandler
 
 CHART_BAR_WIDTH = 520  # pixels for the longest bar
+USAGE_MAX_AGE = 10.0  # seconds one reading of the trail serves every page view
+
+
+class UsageCache:
+    """One reading of the trail at a time, shared by every view for `USAGE_MAX_AGE`:
+    reading a long trail is CPU work, and no user's reloads may queue up others'."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self._lock = asyncio.Lock()
+        self._at = float("-inf")
+        self._value: tuple[dict[RowKey, Amount], str, str] | None = None
+
+    async def rows(self) -> tuple[dict[RowKey, Amount], str, str]:
+        async with self._lock:
+            if self._value is None or time.monotonic() - self._at > USAGE_MAX_AGE:
+                now = datetime.now(timezone.utc)
+                self._value = await asyncio.to_thread(usage_from_trail, self.state_dir, now)
+                self._at = time.monotonic()
+            return self._value
 
 
 def format_hours(hours: float) -> str:
@@ -92,9 +113,8 @@ class UsageHandler(BaseHandler):
         everyone = self.get_argument("all", "") == "1"
         if everyone:
             self.require_admin()
-        now = datetime.now(timezone.utc)
-        state_dir = self.ds01.shared_settings.state_dir
-        rows, this, last = await asyncio.to_thread(usage_from_trail, state_dir, now)
+        cache = self.settings.get("usage") or UsageCache(self.ds01.shared_settings.state_dir)
+        rows, this, last = await cache.rows()
         if not everyone:
             me = self.current_user["name"]
             rows = {k: v for k, v in rows.items() if k.user == me}
