@@ -318,26 +318,27 @@ def _limits(value: Any, key: str, at: Located, known_types: Iterable[str] | None
     return out
 
 
+def _setting(parsers: Mapping[str, Any], where: str, name: str, raw: Any, at: Located) -> Any:
+    """`raw` as `parsers[name]` reads it; an unknown `name` or a bad value is an error at
+    `where` (file, line and key), the known names listed."""
+    if name not in parsers:
+        raise at.error(where, f"unknown setting; known: {', '.join(parsers)}")
+    try:
+        return parsers[name](raw)
+    except ValueError as e:
+        raise at.error(where, str(e)) from None
+
+
 def _retirement(value: Any, at: Located) -> RetirementSettings:
     settings = RetirementSettings()
     for name, raw in _section(value, "retirement", at).items():
         where = f"retirement.{name}"
-        if name not in _RETIREMENT:
-            raise at.error(where, f"unknown setting; known: {', '.join(_RETIREMENT)}")
         if name == "high_demand":
             for sub, sub_raw in _section(raw, where, at).items():
-                if sub not in _HIGH_DEMAND:
-                    raise at.error(f"{where}.{sub}", "unknown setting; known: share, idle_factor")
-                try:
-                    parsed = _HIGH_DEMAND[sub](sub_raw)
-                except ValueError as e:
-                    raise at.error(f"{where}.{sub}", str(e)) from None
+                parsed = _setting(_HIGH_DEMAND, f"{where}.{sub}", sub, sub_raw, at)
                 settings = replace(settings, **{f"high_demand_{sub}": parsed})
             continue
-        try:
-            parsed = _RETIREMENT[name](raw)
-        except ValueError as e:
-            raise at.error(where, str(e)) from None
+        parsed = _setting(_RETIREMENT, where, name, raw, at)
         if parsed is None:
             raise at.error(where, "needs a value")
         settings = replace(settings, **{name: parsed})
@@ -347,13 +348,8 @@ def _retirement(value: Any, at: Located) -> RetirementSettings:
 def _images(value: Any, at: Located) -> ImageSettings:
     settings = ImageSettings()
     for name, raw in _section(value, "images", at).items():
-        where = f"images.{name}"
-        if name not in _IMAGES:
-            raise at.error(where, f"unknown setting; known: {', '.join(_IMAGES)}")
-        try:
-            settings = replace(settings, **{name: _IMAGES[name](raw)})
-        except ValueError as e:
-            raise at.error(where, str(e)) from None
+        parsed = _setting(_IMAGES, f"images.{name}", name, raw, at)
+        settings = replace(settings, **{name: parsed})
     if settings.disk_low_watermark >= settings.disk_high_watermark:
         given = value or {}
         key = "disk_low_watermark" if "disk_low_watermark" in given else "disk_high_watermark"
