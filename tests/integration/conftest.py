@@ -24,7 +24,7 @@ from ds01_spawner import DS01Spawner, labels
 from ds01_spawner.configure import docker_bridge_ip
 from ds01_spawner.identity import UserIds
 
-from .hubprocess import remove_user_objects, seed_workspace
+from .hubprocess import HubProcess, remove_user_objects, seed_workspace
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -234,3 +234,32 @@ async def hub(hub_app, dirs, engine):
                     with contextlib.suppress(Exception):
                         await orm_user.stop(name)
         driver.cleanup()
+
+
+# the users the hub-process tests start servers for: their containers and images go
+# before (a first start must build) and after each test
+HUB_PROCESS_USERS = ("researcher", "alice", "bob", "carol", "dave")
+
+
+@pytest.fixture
+def hub_process(tmp_path, engine):
+    """`make(**env)`: a real `jupyterhub` process on one data directory; a second one
+    takes the first one's ports (a restart). All are stopped at the end."""
+    data = tmp_path / "data"
+    data.mkdir()
+    procs: list[HubProcess] = []
+    for user in HUB_PROCESS_USERS:
+        remove_user_objects(engine, user)
+
+    def make(**env: str) -> HubProcess:
+        p = HubProcess(data, tmp_path / "hub.log", **env)
+        if procs:
+            p.take_ports_of(procs[0])
+        procs.append(p)
+        return p
+
+    yield make
+    for p in procs:
+        p.stop()
+    for user in HUB_PROCESS_USERS:
+        remove_user_objects(engine, user)

@@ -7,38 +7,13 @@ import json
 import socket
 from pathlib import Path
 
-import pytest
 import requests
 
 from ds01_spawner import labels
 from ds01_spawner.audit import read_events
 
 from .conftest import eventually
-from .hubprocess import HubProcess, remove_user_objects
-
-USERS = ("alice", "carol")
-
-
-@pytest.fixture
-def hub_process(tmp_path, engine):
-    data = tmp_path / "data"
-    data.mkdir()
-    procs: list[HubProcess] = []
-    for user in USERS:  # alice's first start builds her image, every run
-        remove_user_objects(engine, user)
-
-    def make() -> HubProcess:
-        p = HubProcess(data, tmp_path / "hub.log", DS01_SIMULATED_GPUS="2")
-        if procs:
-            p.take_ports_of(procs[0])
-        procs.append(p)
-        return p
-
-    yield make
-    for p in procs:
-        p.stop()
-    for user in USERS:
-        remove_user_objects(engine, user)
+from .hubprocess import HubProcess
 
 
 def trail(hub: HubProcess) -> list[dict]:
@@ -74,7 +49,7 @@ def service(hub: HubProcess, method: str, path: str, body: dict | None = None):
 
 
 def test_a_gpu_servers_trail_survives_a_hub_sigkill(hub_process, engine):
-    hub = hub_process()
+    hub = hub_process(DS01_SIMULATED_GPUS="2")
     hub.start()
     assert start(hub, "alice", "train", {"gpus": 1}).status_code in (201, 202)
     hub.wait_ready("alice", "train")
@@ -104,7 +79,7 @@ def test_a_gpu_servers_trail_survives_a_hub_sigkill(hub_process, engine):
     before = trail(hub)
     hub.kill()  # SIGKILL: nothing flushed on the way out, nothing cleaned up
 
-    hub2 = hub_process()
+    hub2 = hub_process(DS01_SIMULATED_GPUS="2")
     hub2.start()
     hub2.wait_ready("alice", "train", timeout=30)  # reattached: no second start or grant
     r = service(hub2, "POST", "images/alice/train/rebuild")  # a build by the service

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import uuid
 
-import pytest
 import requests
 
 from ds01_spawner import labels
@@ -14,27 +13,7 @@ from ds01_spawner.identity import user_slug
 from ds01_spawner.images import image_ref
 
 from .conftest import eventually
-from .hubprocess import HubProcess, remove_user_objects, seed_workspace
-
-
-@pytest.fixture
-def hub_process(tmp_path, engine):
-    data = tmp_path / "data"
-    data.mkdir()
-    procs: list[HubProcess] = []
-
-    def make(**env: str) -> HubProcess:
-        p = HubProcess(data, tmp_path / "hub.log", **env)
-        if procs:
-            p.take_ports_of(procs[0])
-        procs.append(p)
-        return p
-
-    yield make
-    for p in procs:
-        p.stop()
-    for user in ("researcher", "alice", "bob", "carol", "dave"):
-        remove_user_objects(engine, user)
+from .hubprocess import HubProcess, seed_workspace
 
 
 def containers(engine, user):
