@@ -26,6 +26,16 @@ ds01_apt_install() {
         apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+# exec "$@" with no descriptor open but 0, 1 and 2 (run it in a subshell): a
+# daemon started under a lock must not keep that lock after we exit.
+ds01_exec_without_fds() {
+    local fd
+    for fd in $(ls "/proc/$BASHPID/fd"); do
+        if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
+    done
+    exec "$@"
+}
+
 # Make sure a Docker engine answers. There is no systemd on these machines, so
 # we start dockerd ourselves -- but never a second one: a lock serialises
 # concurrent callers, and a dockerd that is already starting is waited for.
@@ -50,13 +60,14 @@ ds01_ensure_engine() {
             echo "engine: dockerd already starting, waiting for it"
         else
             echo "engine: starting dockerd (log: $log)"
-            # 9>&-: dockerd must not inherit (and so hold forever) our lock.
+            # dockerd must not inherit (and so hold forever) a lock: ours (fd 9)
+            # or a caller's (`flock /tmp/ds01-integration.lock scripts/bootstrap`).
             # setsid: it outlives this script and the CI step's process group.
             if [ "$(id -u)" -eq 0 ]; then
-                setsid dockerd </dev/null >"$log" 2>&1 9>&- &
+                (ds01_exec_without_fds setsid dockerd) </dev/null >"$log" 2>&1 &
             else
                 # shellcheck disable=SC2024 # the log is ours, only dockerd needs root
-                sudo setsid dockerd </dev/null >"$log" 2>&1 9>&- &
+                (ds01_exec_without_fds sudo setsid dockerd) </dev/null >"$log" 2>&1 &
             fi
             started=$!
         fi
