@@ -9,6 +9,9 @@
       alice: {max_runtime: 3d}
     retirement:            # how the hub retires servers by policy (not per user)
       check_interval: 1m
+      warn_idle: [80%, 95%]
+    exemptions:            # limits lifted for a user or group, until a date (exemptions.py)
+      - {user: alice, lifts: [idle_timeout], until: 2027-01-31}
     images:                # how the service cleans project images (not per user)
       disk_high_watermark: 80%
 
@@ -31,6 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .exemptions import Exemption, parse_exemptions
 from .policyfile import MAX_POLICY_BYTES, Located, PolicyError, check_size, load_policy_text
 from .units import OFF_WORDS, format_duration, format_size, parse_duration, parse_size
 
@@ -55,6 +59,8 @@ class Limits:
     max_runtime: float | None = None  # seconds
     idle_timeout: float | None = None  # seconds
     gpu_hold_after_stop: float | None = None  # seconds a stopped project's GPU stays its own
+    queue_timeout: float | None = 3600.0  # seconds a spawn may wait for a GPU; None: no queue
+    queue_priority: int = 0  # the GPU queue serves higher first, then first come
     allowed_types: tuple[str, ...] | None = None  # project types; None: all
     # where each value came from: "users.alice", "groups.students", "defaults", "built-in"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -121,7 +127,7 @@ def _size_at_least(minimum: int, what: str):
     return parse
 
 
-_DURATIONS = {"max_runtime", "idle_timeout", "gpu_hold_after_stop"}
+_DURATIONS = {"max_runtime", "idle_timeout", "gpu_hold_after_stop", "queue_timeout"}
 _SIZES = {"memory", "shm_size"}
 _PARSERS = {
     "max_cpus": _number(float, 0.01),
@@ -135,6 +141,8 @@ _PARSERS = {
     "max_runtime": parse_duration,
     "idle_timeout": parse_duration,
     "gpu_hold_after_stop": parse_duration,
+    "queue_timeout": parse_duration,
+    "queue_priority": _number(int, -100, 100, off=False),
     "allowed_types": _types,
 }
 LIMIT_KEYS = tuple(_PARSERS)
@@ -145,18 +153,65 @@ class RetirementSettings:
     """How the hub retires servers by policy (the `retirement` section)."""
 
     check_interval: float = 60.0
-    warn_before: float = 900.0  # a notice this long before a retirement
+    # warnings as the share of a limit reached: idle 80 % and 95 % of idle_timeout, ...
+    warn_idle: tuple[float, ...] = (0.8, 0.95)
+    warn_runtime: tuple[float, ...] = (0.75, 0.9)
+    warn_before: float | None = None  # ... and this long before a retirement (older policies)
     gpu_busy_percent: float = 5.0  # a GPU at or above this utilization is in use
+    idle_cpu_percent: float | None = 10.0  # of one CPU: at or above, the server is in use
+    idle_network_kbps: float | None = 10.0  # kB/s in and out: at or above, in use
+    idle_detection_window: int = 3  # checks in a row that saw the server quiet, to be idle
+    keep_alive_max: float | None = 86400.0  # a fresher /workspace/.keep-alive holds off idling
     high_demand_share: float = 0.8  # more than this share of GPUs allocated ...
     high_demand_idle_factor: float = 0.5  # ... multiplies GPU servers' idle timeouts by this
 
 
+def _is_off(value: Any) -> bool:
+    """none, off, never (YAML reads a bare `off` as false)."""
+    return (
+        value is None or value is False or (isinstance(value, str) and value.lower() in OFF_WORDS)
+    )
+
+
+def _or_off(parse: Any) -> Any:
+    return lambda value: None if _is_off(value) else parse(value)
+
+
+def _warn_levels(value: Any) -> tuple[float, ...]:
+    """[80%, 95%] (or [80, 95]) -> (0.8, 0.95): shares of a limit, increasing; off or []: none."""
+    if _is_off(value):
+        return ()
+    if not isinstance(value, list):
+        raise ValueError(f"{value!r} is not a list of percentages; write e.g. [80%, 95%]")
+    levels = []
+    for item in value:
+        level = _percent(item)
+        if level >= 1:
+            raise ValueError(f"{item!r} is impossible: a warning comes before 100%")
+        if levels and level <= levels[-1]:
+            raise ValueError(f"{item!r} is out of order: write the percentages increasing")
+        levels.append(level)
+    return tuple(levels)
+
+
+def _duration_or_zero(value: Any) -> float | None:
+    """A duration, or 0 / off: none."""
+    return None if _is_off(value) or value in (0, "0") else parse_duration(value)
+
+
 _RETIREMENT = {
     "check_interval": parse_duration,
-    "warn_before": parse_duration,
+    "warn_idle": _warn_levels,
+    "warn_runtime": _warn_levels,
+    "warn_before": _or_off(parse_duration),
     "gpu_busy_percent": _number(float, 0, 100, off=False),
+    "idle_cpu_percent": _or_off(_number(float, 0.01)),
+    "idle_network_kbps": _or_off(_number(float, 0.01)),
+    "idle_detection_window": _number(int, 1, 1000, off=False),
+    "keep_alive_max": _duration_or_zero,
     "high_demand": None,  # a section: share, idle_factor
 }
+_MAY_BE_OFF = {"warn_before", "idle_cpu_percent", "idle_network_kbps", "keep_alive_max"}
 _HIGH_DEMAND = {
     "share": _number(float, 0, 1, off=False),
     "idle_factor": _number(float, 0.01, 1, off=False),
@@ -211,7 +266,7 @@ _IMAGES = {
     "clean_interval": parse_duration,
     "workspace_on_delete": _choice(*WORKSPACE_ON_DELETE),
 }
-_SECTIONS = ("defaults", "groups", "users", "retirement", "images")
+_SECTIONS = ("defaults", "groups", "users", "retirement", "images", "exemptions")
 
 
 @dataclass(frozen=True)
@@ -224,6 +279,7 @@ class Policy:
     retirement: RetirementSettings = RetirementSettings()
     images: ImageSettings = ImageSettings()
     source: str = "built-in defaults"
+    exemptions: tuple[Exemption, ...] = ()  # all of them, expired too (exemptions.py)
 
     def resolve(self, user: str, groups: Iterable[str] = ()) -> Limits:
         """user -> the first of the user's groups in the policy's order -> defaults."""
@@ -280,6 +336,7 @@ def parse_policy(
         _retirement(raw.get("retirement"), at),
         _images(raw.get("images"), at),
         source,
+        parse_exemptions(raw.get("exemptions"), at),
     )
 
 
@@ -339,7 +396,7 @@ def _retirement(value: Any, at: Located) -> RetirementSettings:
                 settings = replace(settings, **{f"high_demand_{sub}": parsed})
             continue
         parsed = _setting(_RETIREMENT, where, name, raw, at)
-        if parsed is None:
+        if parsed is None and name not in _MAY_BE_OFF:
             raise at.error(where, "needs a value")
         settings = replace(settings, **{name: parsed})
     return settings

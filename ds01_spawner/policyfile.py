@@ -106,7 +106,12 @@ class Located:
                 out[key] = self.convert(value_node, where)
             return out
         if isinstance(node, yaml.SequenceNode):
-            return [self.convert(v, path) for v in node.value]
+            items = []
+            for i, value_node in enumerate(node.value):  # `exemptions[0].until`: each its line
+                where = f"{path}[{i}]"
+                self.lines[where] = _line(value_node)
+                items.append(self.convert(value_node, where))
+            return items
         try:
             return self.loader.construct_object(node, deep=True)  # a scalar, as YAML types it
         except (yaml.YAMLError, ValueError) as e:  # "2024-13-01" is a timestamp to YAML

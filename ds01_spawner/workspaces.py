@@ -7,7 +7,9 @@ without a bound: the user controls everything in a workspace.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -132,6 +134,77 @@ def read_workspace_file(path: Path, max_bytes: int) -> str:
     if len(data) > max_bytes:
         raise WorkspaceError(f"{path.name} is larger than {max_bytes} bytes", status=409)
     return data.decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------- files the service keeps there
+# The workspace is writable from the user's container: everything below works
+# through a descriptor of the workspace directory itself (opened without
+# following a link), never follows a link inside it, opens nothing but a
+# regular file, reads a bounded tail, and replaces a file by renaming a new
+# one over it (a link, FIFO or file there is replaced, never written through).
+
+
+def open_workspace_dir(path: Path) -> int:
+    """A descriptor of the workspace directory; OSError if it is missing or a link."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def regular_file_mtime(dir_fd: int, name: str) -> float | None:
+    """The mtime of `name` in the directory if it is a regular file (a link is not
+    followed); None if it is missing or anything else."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return None
+    return st.st_mtime if stat.S_ISREG(st.st_mode) else None
+
+
+def read_tail(dir_fd: int, name: str, max_bytes: int, *, owner: int) -> bytes:
+    """At most the last `max_bytes` of `name` in the directory: b"" unless it is a regular
+    file of `owner`'s with one link (never a link, a FIFO, a device, another's hard link)."""
+    try:
+        before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISREG(before.st_mode):
+            return b""
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError:
+        return b""
+    try:
+        st = os.fstat(fd)
+        same = (st.st_dev, st.st_ino) == (before.st_dev, before.st_ino)
+        if not (same and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == owner):
+            return b""
+        start = max(0, st.st_size - max_bytes)
+        return os.pread(fd, max_bytes, start)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+def replace_file(dir_fd: int, name: str, data: bytes, *, uid: int, gid: int) -> None:
+    """Replace `name` in the directory with a new file of `data`, owned by uid:gid, mode
+    0644: written under a temporary name there and renamed over whatever `name` was
+    (readers see the old file or the new one). OSError if it cannot be; a directory
+    at `name` stays."""
+    tmp = f".{name}.ds01-{secrets.token_hex(6)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o644)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    finally:
+        os.close(fd)
 
 
 def init_workspace(

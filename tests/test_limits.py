@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
+from datetime import datetime, timezone
 
 import pytest
 
+from ds01_spawner.exemptions import parse_until
 from ds01_spawner.limits import Limits, PolicyStore, load_policy
 from ds01_spawner.policyfile import MAX_POLICY_BYTES, PolicyError
 
@@ -243,3 +246,188 @@ def test_image_setting_errors_name_file_line_and_key(tmp_path, text, line, key, 
         load_policy(path)
     assert (e.value.line, e.value.key) == (line, key)
     assert says in str(e.value)
+
+
+# ---------------------------------------------------------------- warnings, idleness, keep-alive
+
+
+def test_retirement_warning_and_idleness_defaults():
+    s = load_policy(None).retirement
+    assert (s.warn_idle, s.warn_runtime, s.warn_before) == ((0.8, 0.95), (0.75, 0.9), None)
+    assert (s.idle_cpu_percent, s.idle_network_kbps, s.idle_detection_window) == (10, 10, 3)
+    assert s.keep_alive_max == 86400
+
+
+def test_retirement_warning_and_idleness_from_the_file(tmp_path):
+    text = (
+        "retirement:\n  warn_idle: [50%, 90, 99.5%]\n  warn_runtime: off\n  warn_before: 15m\n"
+        "  idle_cpu_percent: 25\n  idle_network_kbps: off\n  idle_detection_window: 5\n"
+        "  keep_alive_max: 0\n"
+    )
+    s = load_policy(write(tmp_path, text)).retirement
+    assert s.warn_idle == (0.5, 0.9, 0.995) and s.warn_runtime == () and s.warn_before == 900
+    assert (s.idle_cpu_percent, s.idle_network_kbps, s.idle_detection_window) == (25, None, 5)
+    assert s.keep_alive_max is None
+    assert load_policy(write(tmp_path, "retirement:\n  keep_alive_max: 2h\n")).retirement == (
+        replace(load_policy(None).retirement, keep_alive_max=7200)
+    )
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("  warn_idle: [95%, 80%]\n", "out of order"),
+        ("  warn_idle: [80%, 80%]\n", "out of order"),
+        ("  warn_idle: [100%]\n", "before 100%"),
+        ("  warn_idle: [0%]\n", "impossible"),
+        ("  warn_idle: [-5]\n", "impossible"),
+        ("  warn_runtime: 80%\n", "not a list of percentages"),
+        ("  warn_runtime: [lots]\n", "not a percentage"),
+        ("  idle_cpu_percent: -1\n", "impossible"),
+        ("  idle_network_kbps: fast\n", "not a number"),
+        ("  idle_detection_window: 0\n", "impossible"),
+        ("  idle_detection_window: 2.5\n", "whole number"),
+        ("  keep_alive_max: 24\n", "with a unit"),
+        ("  keep_alive: 24h\n", "unknown setting"),
+    ],
+)
+def test_retirement_setting_errors_name_file_line_and_key(tmp_path, text, says):
+    path = write(tmp_path, "retirement:\n  check_interval: 1m\n" + text)
+    with pytest.raises(PolicyError) as e:
+        load_policy(path)
+    key = "retirement." + text.strip().split(":")[0]
+    assert (e.value.source, e.value.line, e.value.key) == (str(path), 3, key)
+    assert says in str(e.value)
+
+
+# ---------------------------------------------------------------- exemptions
+
+EXEMPTIONS = """\
+defaults:
+  idle_timeout: 1h
+exemptions:
+  - user: alice
+    lifts: [idle_timeout]
+    until: 2027-01-31
+    reason: thesis experiments
+  - group: faculty
+    lifts: [max_runtime, idle_timeout]
+    until: 2026-12-24T18:00
+"""
+
+
+def test_exemptions_from_the_file(tmp_path):
+    alice, faculty = load_policy(write(tmp_path, EXEMPTIONS)).exemptions
+    assert (alice.who, alice.name, alice.lifts) == ("user", "alice", ("idle_timeout",))
+    assert alice.until == datetime(2027, 2, 1).timestamp(), "a date: through its end"
+    assert (alice.until_text, alice.reason) == ("2027-01-31", "thesis experiments")
+    assert (faculty.who, faculty.lifts) == ("group", ("max_runtime", "idle_timeout"))
+    assert faculty.until == datetime(2026, 12, 24, 18).timestamp()
+    assert faculty.applies_to("bob", ["staff", "faculty"]) and not faculty.applies_to("bob", [])
+    utc = parse_until("2027-01-31T12:00:00Z")[0]
+    assert utc == datetime(2027, 1, 31, 12, tzinfo=timezone.utc).timestamp()
+
+
+def test_no_exemptions_and_the_resolved_limits_are_unchanged(tmp_path):
+    policy = load_policy(write(tmp_path, EXEMPTIONS))
+    assert policy.resolve("alice").idle_timeout == 3600, "resolve stays the policy's limits"
+    assert load_policy(None).exemptions == ()
+
+
+@pytest.mark.parametrize(
+    "entry, line, key, says",
+    [
+        (
+            "  - user: a\n    lifts: [memory]\n    until: 2027-01-01\n",
+            5,
+            "exemptions[0].lifts",
+            "cannot be lifted",
+        ),
+        (
+            "  - user: a\n    lifts: []\n    until: 2027-01-01\n",
+            5,
+            "exemptions[0].lifts",
+            "not a list",
+        ),
+        ("  - user: a\n    until: 2027-01-01\n", 4, "exemptions[0]", "needs lifts"),
+        ("  - user: a\n    lifts: [max_runtime]\n", 4, "exemptions[0]", "needs until"),
+        (
+            "  - user: a\n    lifts: [max_runtime]\n    until: soon\n",
+            6,
+            "exemptions[0].until",
+            "not a date",
+        ),
+        (
+            "  - user: a\n    lifts: [max_runtime]\n    until: 2027-02-30\n",
+            6,
+            "exemptions[0].until",
+            "not a value YAML",
+        ),
+        (
+            "  - user: a\n    lifts: [max_runtime]\n    until: 2027-01-01\n    why: x\n",
+            7,
+            "exemptions[0].why",
+            "unknown key",
+        ),
+        (
+            "  - {user: a, group: b, lifts: [max_runtime], until: 2027-01-01}\n",
+            4,
+            "exemptions[0]",
+            "exactly one",
+        ),
+        ("  - {lifts: [max_runtime], until: 2027-01-01}\n", 4, "exemptions[0]", "exactly one"),
+        (
+            "  - {user: 12, lifts: [max_runtime], until: 2027-01-01}\n",
+            4,
+            "exemptions[0].user",
+            "not a user name",
+        ),
+        ("  - alice\n", 4, "exemptions[0]", "must be a mapping"),
+        (
+            "  - {user: a, lifts: [max_runtime], until: 2027-01-01, reason: [x]}\n",
+            4,
+            "exemptions[0].reason",
+            "not text",
+        ),
+    ],
+)
+def test_exemption_errors_name_file_line_and_key(tmp_path, entry, line, key, says):
+    good = "  - {user: ok, lifts: [idle_timeout], until: 2027-01-01}\n"
+    path = write(tmp_path, "defaults: {}\n\nexemptions:\n" + entry + good)
+    with pytest.raises(PolicyError) as e:
+        load_policy(path)
+    assert (e.value.source, e.value.line, e.value.key) == (str(path), line, key)
+    assert says in str(e.value)
+
+
+def test_an_error_in_a_later_exemption_names_its_own_line(tmp_path):
+    text = EXEMPTIONS + "  - user: carol\n    lifts: [idle_timeout]\n    until: never\n"
+    with pytest.raises(PolicyError) as e:
+        load_policy(write(tmp_path, text))
+    assert (e.value.line, e.value.key) == (13, "exemptions[2].until")
+
+
+def test_exemptions_must_be_a_list(tmp_path):
+    with pytest.raises(PolicyError, match="must be a list") as e:
+        load_policy(write(tmp_path, "exemptions:\n  alice: [idle_timeout]\n"))
+    assert (e.value.line, e.value.key) == (1, "exemptions")
+
+
+def test_the_gpu_queue_settings_resolve_per_group(tmp_path):
+    text = (
+        "defaults:\n  queue_timeout: 30m\n"
+        "groups:\n  staff: {queue_priority: 10, queue_timeout: none}\n"
+    )
+    policy = load_policy(write(tmp_path, text))
+    student, staff = policy.resolve("s", []), policy.resolve("t", ["staff"])
+    assert (student.queue_timeout, student.queue_priority) == (1800.0, 0)
+    assert (staff.queue_timeout, staff.queue_priority) == (None, 10)
+    assert Limits().queue_timeout == 3600.0, "built in: a wait gives up after an hour"
+
+
+@pytest.mark.parametrize(
+    "bad", ["queue_priority: 1000", "queue_priority: high", "queue_timeout: 5"]
+)
+def test_bad_gpu_queue_settings_name_the_key(tmp_path, bad):
+    with pytest.raises(PolicyError, match=f"defaults.{bad.split(':')[0]}"):
+        load_policy(write(tmp_path, f"defaults:\n  {bad}\n"))

@@ -2,9 +2,11 @@
 
 The page and its JSON twin (``api/limits``) show the policy as resolved for
 the user (each value with where it came from), running projects with their
-runtime and idle time left, GPUs held and kept, and recent retirements.
-Admins get every user with a running server, the policy's state (source,
-last reload, a broken edit's error) and a "reload now" action.
+runtime and idle time left (and a `.keep-alive` or an exemption holding a
+limit off), GPUs held and kept, the user's exemptions (in force or expired),
+and recent retirements. Admins get every user with a running server, every
+exemption, the policy's state (source, last reload, a broken edit's error,
+the retirement settings) and a "reload now" action.
 
 Running servers come from `Retirer.latest`: one survey of the hub, the engine
 and NVML shared by the views of a few seconds, times left counted on to now.
@@ -17,7 +19,8 @@ from typing import Any
 
 from tornado import web
 
-from ..limits import Limits
+from ..exemptions import Exemption
+from ..limits import Limits, RetirementSettings
 from ..units import format_duration, format_remaining
 from .base import BaseHandler
 from .hub_api import user_path
@@ -29,8 +32,21 @@ def _left(seconds: float | None, since: float) -> str | None:
     return None if seconds is None else format_remaining(max(seconds - since, 0))
 
 
+def _time(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def exemption_text(e: Exemption) -> str:
+    """'exempt from idle_timeout until 2027-01-31 (thesis experiments)'"""
+    reason = f" ({e.reason})" if e.reason else ""
+    return f"exempt from {' and '.join(e.lifts)} until {e.until_text}{reason}"
+
+
 def server_row(view: ServerView, seen_at: float, now: float) -> dict[str, Any]:
     f, v = view.facts, view.verdict
+    kept = (
+        v.keep_alive_until if v.keep_alive_until is not None and v.keep_alive_until > now else None
+    )
     return {
         "server": f.server,
         "project": f.project,
@@ -43,6 +59,8 @@ def server_row(view: ServerView, seen_at: float, now: float) -> dict[str, Any]:
         "gpu_equivalents": view.gpu_equivalents,
         "status": v.action,
         "message": v.message,
+        "keep_alive_until": None if kept is None else _time(kept),
+        "exemptions": [exemption_text(e) for e in view.exemptions],
     }
 
 
@@ -92,6 +110,9 @@ class LimitsHandler(BaseHandler):
                 {
                     "user": name,
                     "group": policy.group_for(groups),
+                    "exemptions": [
+                        e.describe(now) for e in policy.exemptions if e.applies_to(name, groups)
+                    ],
                     "limits": limits.describe(),
                     "usage": usage(name, limits, snapshot.servers, holds),
                     "servers": [
@@ -110,32 +131,47 @@ class LimitsHandler(BaseHandler):
         }
         if everyone:
             data["policy"] = self.policy_state()
+            data["exemptions"] = [e.describe(now) for e in policy.exemptions]
         self.respond(
             data,
             "limits.html",
             everyone=everyone,
             reloaded=self.get_argument("reloaded", ""),
-            format_time=lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t)),
+            format_time=_time,
             **data,
         )
 
     def policy_state(self) -> dict[str, Any]:
         store = self.retirer.policies
         policy = store.current()
-        settings = policy.retirement
         return {
             "source": policy.source,
             "file": store.path,
             "loaded_at": store.loaded_at,
             "error": store.error,
-            "retirement": {
-                "check_interval": format_duration(settings.check_interval),
-                "warn_before": format_duration(settings.warn_before),
-                "gpu_busy_percent": settings.gpu_busy_percent,
-                "high_demand_share": settings.high_demand_share,
-                "high_demand_idle_factor": settings.high_demand_idle_factor,
-            },
+            "retirement": retirement_state(policy.retirement),
         }
+
+
+def retirement_state(settings: RetirementSettings) -> dict[str, Any]:
+    """The `retirement` section as people write it."""
+
+    def shares(levels: tuple[float, ...]) -> str:
+        return ", ".join(f"{100 * level:g}%" for level in levels) or "none"
+
+    return {
+        "check_interval": format_duration(settings.check_interval),
+        "warn_idle": shares(settings.warn_idle),
+        "warn_runtime": shares(settings.warn_runtime),
+        "warn_before": format_duration(settings.warn_before),
+        "gpu_busy_percent": settings.gpu_busy_percent,
+        "idle_cpu_percent": settings.idle_cpu_percent,
+        "idle_network_kbps": settings.idle_network_kbps,
+        "idle_detection_window": settings.idle_detection_window,
+        "keep_alive_max": format_duration(settings.keep_alive_max),
+        "high_demand_share": settings.high_demand_share,
+        "high_demand_idle_factor": settings.high_demand_idle_factor,
+    }
 
 
 class PolicyReloadHandler(BaseHandler):

@@ -1,10 +1,23 @@
 """The retirement loop: every `check_interval`, judge each running server by the policy.
 
 Facts come from the hub API (started, last activity, groups), the engine
-(which project and GPUs each container holds) and NVML (GPU utilization);
-the decision is `retirement.judge`. A retirement is logged (service log and
-`RetirementLog`) before the server is stopped through the hub API, the same
-way a user's stop goes, so the spawner retires the container as usual.
+(which project each container runs; its CPU and network counters, one
+`stats` call per container, a few at once, each with a timeout), NVML (GPU
+utilization) and the workspace (`.keep-alive`); the decision is
+`retirement.judge`, over the user's limits less the exemptions in force.
+
+Each warning threshold a server crosses goes out once per run of the server:
+a line in its workspace's `.ds01-alerts` (`alerts`), a `policy` `warn`
+event in the audit trail and a line in the service's log; the hub's banner
+(`Notices`) carries the most urgent one at every check while it holds. A
+retirement is logged (service log and `RetirementLog`) before the server is
+stopped through the hub API, the same way a user's stop goes, so the spawner
+retires the container as usual; then `.ds01-alerts` gets a last line. A
+workspace file that cannot be written is logged, and nothing else changes.
+
+What the loop remembers of each server between checks (its quiet streak, when
+it was last in use, which warnings went out) is `CheckMemory`, in the state
+directory, so a restarted service carries on where it was.
 
 Scopes the service needs for this: configure.SERVICE_SCOPES (servers,
 list:users, read:users:activity, read:users:groups).
@@ -15,15 +28,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
+
+import docker.errors
 
 from .. import labels
+from ..activity import Counters, measures_use, read_counters
+from ..alerts import ALERTS, append_alerts, keep_alive_mtime
 from ..audit import AuditLog
+from ..checkmemory import CheckMemory, Remembered, is_new, keep_alive_time, observe, sent
 from ..engine import docker_client
 from ..errors import Refusal
+from ..exemptions import Exemption, exemptions_for
 from ..gpu_samples import GpuSamples
 from ..gpus import GpuAllocator
 from ..ledger import Holder
@@ -36,6 +56,7 @@ from ..retirement import (
     RetirementLog,
     ServerFacts,
     Verdict,
+    exempted,
     gpu_share,
     judge,
 )
@@ -44,6 +65,12 @@ from .hub_api import HubClient, server_path
 log = logging.getLogger("ds01.retirer")
 
 RECENTLY_RETIRED = 3600  # the hub's pages mention a retirement this long
+STATS_TIMEOUT = 10.0  # seconds one container's stats may take: a stuck one is skipped
+WORKSPACE_TIMEOUT = 10.0  # seconds a workspace file may take (a workspace on a hung NFS)
+AT_ONCE = 8  # engine stats calls, or workspace reads, in flight at once
+
+Key = tuple[str, str]  # (user, server name)
+T = TypeVar("T")
 
 
 def parse_time(value: str | None) -> float | None:
@@ -52,14 +79,23 @@ def parse_time(value: str | None) -> float | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
+@dataclass(frozen=True)
+class Container:
+    """A running project container, as the engine lists it."""
+
+    id: str
+    labels: dict[str, str]
+
+
 @dataclass
 class ServerView:
     """One running server with its user's limits and today's verdict: the limits page's row."""
 
     facts: ServerFacts
-    limits: Limits
+    limits: Limits  # as judged: what the exemptions in force lift is none
     verdict: Verdict
     gpu_equivalents: float = 0.0
+    exemptions: list[Exemption] = field(default_factory=list)  # in force for its user
 
 
 @dataclass
@@ -83,6 +119,7 @@ class Retirer:
         state_dir: str,
         clock: Callable[[], float] = time.time,
         audit: AuditLog | None = None,
+        workspace_for: Callable[[str, str], Path] | None = None,
     ) -> None:
         self.hub = hub
         self.policies = policies
@@ -90,14 +127,20 @@ class Retirer:
         self.retirements = RetirementLog(state_dir)
         self.notices = Notices(state_dir)
         self.gpu_samples = GpuSamples(state_dir)  # utilization while held, for the usage page
+        self.memory = CheckMemory(state_dir)  # each server's use and warnings, across checks
         self.clock = clock
-        self.audit = audit  # retirements and policy reloads go to the audit trail
-        self.gpu_busy_at: dict[tuple[str, str], float] = {}
-        self._warned: set[tuple[tuple[str, str], str]] = set()
+        self.audit = audit  # retirements, warnings and policy reloads go to the audit trail
+        self.workspace_for = workspace_for  # (user, project) -> its workspace on the host
         self.last: Snapshot | None = None
         self._page_snapshot: Snapshot | None = None  # the limits page's own, see latest()
         self._client = docker_client()
+        self._stats_client = docker_client(STATS_TIMEOUT)
         self._task: asyncio.Task | None = None
+
+    @property
+    def gpu_busy_at(self) -> dict[Key, float]:
+        """When a check last saw each server's GPUs in use."""
+        return {k: r.gpu_busy_at for k, r in self.memory.servers.items() if r.gpu_busy_at}
 
     # ------------------------------------------------------------ the policy
 
@@ -143,19 +186,21 @@ class Retirer:
                 return users
             offset = following["offset"]
 
-    async def containers(self) -> dict[tuple[str, str], dict[str, str]]:
+    async def containers(self) -> dict[Key, Container]:
         found = await asyncio.to_thread(self._client.containers, filters=labels.managed_filter())
         return {
-            (c["Labels"].get(labels.USER, ""), c["Labels"].get(labels.SERVER_NAME, "")): c["Labels"]
+            (c["Labels"].get(labels.USER, ""), c["Labels"].get(labels.SERVER_NAME, "")): Container(
+                c["Id"], c["Labels"]
+            )
             for c in found
             if c["Labels"].get(labels.ROLE) == "project"
         }
 
-    async def gpu_facts(self) -> tuple[list[GpuSlot], float, dict[tuple[str, str], list[Holder]]]:
+    async def gpu_facts(self) -> tuple[list[GpuSlot], float, dict[Key, list[Holder]]]:
         """GPUs, the share allocated, and who holds what: the sealed ledger, never the
         labels a user's image may have set."""
         ledger = await self.allocator.ledger()
-        held: dict[tuple[str, str], list[Holder]] = {}
+        held: dict[Key, list[Holder]] = {}
         for h in ledger:
             held.setdefault((h.user, h.server), []).append(h)
         try:
@@ -164,12 +209,59 @@ class Retirer:
             return [], 0.0, held
         return slots, gpu_share(slots, ledger), held
 
+    async def use_counters(self, containers: dict[Key, Container]) -> dict[Key, Counters | None]:
+        """Each container's CPU and network counters now (None: no reading in time)."""
+
+        def stats(container: str) -> dict[str, Any]:
+            try:  # one sample, without the engine's second one a second later
+                return self._stats_client.stats(container, stream=False, one_shot=True)
+            except docker.errors.InvalidVersion:  # an engine older than API 1.41
+                return self._stats_client.stats(container, stream=False)
+
+        async def one(key: Key, c: Container) -> Counters | None:
+            what = f"the CPU and network use of {key[0]}/{key[1]}"
+            answer = await _bounded(asyncio.to_thread(stats, c.id), STATS_TIMEOUT, what)
+            return None if answer is None else read_counters(answer, c.id, self.clock())
+
+        return await self._each(containers, one)
+
+    async def keep_alives(self, projects: dict[Key, str]) -> dict[Key, float | None]:
+        """When each server's workspace `.keep-alive` was touched (None: there is none)."""
+        if self.workspace_for is None:
+            return {}
+        where = self.workspace_for
+
+        async def one(key: Key, project: str) -> float | None:
+            reading = asyncio.to_thread(lambda: keep_alive_mtime(where(key[0], project)))
+            return await _bounded(reading, WORKSPACE_TIMEOUT, f"{key[0]}/{project}'s .keep-alive")
+
+        return await self._each(projects, one)
+
+    async def _each(
+        self, items: dict[Key, T], call: Callable[[Key, T], Awaitable[Any]]
+    ) -> dict[Key, Any]:
+        """`call` for every item, `AT_ONCE` at a time."""
+        slots = asyncio.Semaphore(AT_ONCE)
+
+        async def one(key: Key, item: T) -> Any:
+            async with slots:
+                return await call(key, item)
+
+        keys = list(items)
+        answers = await asyncio.gather(*(one(k, items[k]) for k in keys))
+        return dict(zip(keys, answers, strict=True))
+
     # ------------------------------------------------------------ one check
 
-    async def survey(self) -> Snapshot:
-        """Every running server with its user's limits and verdict; nothing is acted on,
-        nothing recorded (`check` does both)."""
+    async def survey(self, measure: bool = False) -> Snapshot:
+        """Every running server with its user's limits and verdict; nothing acted on.
+
+        `measure` (the loop's check): read each container's CPU and network use
+        and remember it. Without it (the limits page) nothing is recorded: what
+        the loop last measured is used.
+        """
         policy = self.policies.current()
+        settings = policy.retirement
         now = self.clock()
         users = await self.hub_users()
         containers = await self.containers()
@@ -177,29 +269,55 @@ class Retirer:
         busy = {
             s.uuid
             for s in slots
-            if s.utilization is not None and s.utilization >= policy.retirement.gpu_busy_percent
+            if s.utilization is not None and s.utilization >= settings.gpu_busy_percent
         }
         snapshot = Snapshot(at=now, share=share, gpus=slots)
         snapshot.holders = [h for holders in held.values() for h in holders]
+        running: dict[Key, tuple[dict[str, Any], dict[str, Any]]] = {}
         for user in users:
             snapshot.users[user["name"]] = list(user.get("groups") or [])
             for name, server in (user.get("servers") or {}).items():
                 if not server.get("ready") or server.get("pending"):
                     continue  # starting or stopping: not ours to judge now
-                key = (user["name"], name)
-                snapshot.servers.append(
-                    self._view(
-                        policy,
-                        user,
-                        name,
-                        server,
-                        containers.get(key, {}),
-                        held.get(key, []),
-                        busy,
-                        share,
-                        now,
-                    )
+                running[(user["name"], name)] = (user, server)
+        projects = {
+            key: _project(containers.get(key), server, key[1])
+            for key, (_, server) in running.items()
+        }
+        counters: dict[Key, Counters | None] = {}
+        if measure and measures_use(settings):
+            counters = await self.use_counters(
+                {k: containers[k] for k in running if k in containers}
+            )
+        touched = await self.keep_alives(projects) if settings.keep_alive_max is not None else {}
+        for key, (user, server) in running.items():
+            started = parse_time(server.get("started")) or now
+            holders = held.get(key, [])
+            gpu_busy = bool(busy.intersection(h.uuid for h in holders))
+            remembered = self.memory.get(key, started)
+            if measure:
+                remembered = observe(
+                    remembered or Remembered(started), counters.get(key), gpu_busy, settings, now
                 )
+            keep_alive_at, seen = keep_alive_time(remembered, touched.get(key), now)
+            if measure:
+                self.memory.servers[key] = replace(remembered, keep_alive_seen=seen)
+            known = remembered or Remembered(started)  # a page view before any check: nothing
+            facts = ServerFacts(
+                user=key[0],
+                server=key[1],
+                project=projects[key],
+                started=started,
+                last_activity=parse_time(server.get("last_activity")),
+                gpus=tuple(h.uuid for h in holders),
+                gpu_busy_at=now if gpu_busy else known.gpu_busy_at,
+                busy_at=known.busy_at,
+                quiet_checks=known.quiet_checks if measures_use(settings) else None,
+                keep_alive_at=keep_alive_at,
+            )
+            snapshot.servers.append(self._view(policy, user, facts, holders, share, now))
+        if measure:
+            self.memory.keep_only(running)
         return snapshot
 
     async def latest(self, max_age: float = 2.0) -> Snapshot:
@@ -212,21 +330,16 @@ class Retirer:
 
     async def check(self) -> Snapshot:
         """Judge every running server once; warn and retire as the policy says."""
-        snapshot = await self.survey()
+        snapshot = await self.survey(measure=True)
         now = snapshot.at
         self.gpu_samples.record(snapshot.holders, snapshot.gpus, now)  # for efficiency
-        warnings: dict[str, list[dict[str, Any]]] = {}
+        notices: dict[str, list[dict[str, Any]]] = {}
         running = {(v.facts.user, v.facts.server) for v in snapshot.servers}
         for view in snapshot.servers:
-            key = (view.facts.user, view.facts.server)
-            if view.facts.gpu_busy_at is not None:
-                self.gpu_busy_at[key] = view.facts.gpu_busy_at
             verdict = view.verdict
             if verdict.action == "warn":
-                if (key, verdict.reason) not in self._warned:  # log once, show every check
-                    self._warned.add((key, verdict.reason))
-                    log.warning("%s/%s %s", view.facts.user, view.facts.project, verdict.message)
-                warnings.setdefault(view.facts.user, []).append(
+                await self.warn(view)
+                notices.setdefault(view.facts.user, []).append(
                     {
                         "server": view.facts.server,
                         "project": view.facts.project,
@@ -237,12 +350,14 @@ class Retirer:
                 )
             elif verdict.action == "retire":
                 await self.retire(view)
-                running.discard(key)
-        self._warned = {w for w in self._warned if w[0] in running}
-        for gone in set(self.gpu_busy_at) - running:
-            del self.gpu_busy_at[gone]
-        self._add_recent_retirements(warnings, running, now)
-        self.notices.write(warnings)
+                running.discard((view.facts.user, view.facts.server))
+        self.memory.keep_only(running)
+        try:
+            self.memory.save()
+        except OSError as e:
+            log.error("Could not save what the retirement check remembers: %s", e)
+        self._add_recent_retirements(notices, running, now)
+        self.notices.write(notices)
         self.last = snapshot
         return snapshot
 
@@ -250,29 +365,54 @@ class Retirer:
         self,
         policy: Policy,
         user: dict[str, Any],
-        name: str,
-        server: dict[str, Any],
-        container: dict[str, str],
+        facts: ServerFacts,
         holders: list[Holder],
-        busy: set[str],
         share: float,
         now: float,
     ) -> ServerView:
-        gpus = tuple(h.uuid for h in holders)
-        gpu_busy_at = now if busy.intersection(gpus) else self.gpu_busy_at.get((user["name"], name))
-        options = server.get("user_options") or {}
-        facts = ServerFacts(
-            user=user["name"],
-            server=name,
-            project=container.get(labels.PROJECT) or options.get("project") or name or "default",
-            started=parse_time(server.get("started")) or now,
-            last_activity=parse_time(server.get("last_activity")),
-            gpus=gpus,
-            gpu_busy_at=gpu_busy_at,
-        )
-        limits = policy.resolve(user["name"], user.get("groups") or [])
+        groups = list(user.get("groups") or [])
+        exemptions = exemptions_for(policy.exemptions, facts.user, groups, now)
+        limits = exempted(policy.resolve(facts.user, groups), exemptions)
         verdict = judge(limits, policy.retirement, facts, share, now)
-        return ServerView(facts, limits, verdict, sum(h.fraction for h in holders))
+        return ServerView(facts, limits, verdict, sum(h.fraction for h in holders), exemptions)
+
+    async def warn(self, view: ServerView) -> None:
+        """Send the warnings of this verdict not sent before in this run of the server."""
+        f = view.facts
+        key = (f.user, f.server)
+        remembered = self.memory.servers.get(key) or Remembered(f.started)
+        new = [w for w in view.verdict.warnings if is_new(remembered, w)]
+        for w in new:
+            remembered = sent(remembered, w)
+            log.warning("%s/%s %s", f.user, f.project, w.message)
+            self._audit(
+                "policy",
+                action="warn",
+                user=f.user,
+                server=f.server,
+                project=f.project,
+                reason=w.reason,
+                level=w.level,
+                message=w.message,
+            )
+        self.memory.servers[key] = remembered
+        await self.alert(view, [("warning", f"Project {f.project}: {w.message}") for w in new])
+
+    async def alert(self, view: ServerView, alerts: list[tuple[str, str]]) -> None:
+        """Append (level, message) lines to the server's workspace `.ds01-alerts`; a file
+        that cannot be written is logged, never more (the workspace is the user's)."""
+        if not alerts or self.workspace_for is None:
+            return
+        f, at = view.facts, self.clock()
+        where = self.workspace_for
+
+        def write() -> None:
+            append_alerts(where(f.user, f.project), alerts, at)
+
+        try:
+            await asyncio.wait_for(asyncio.to_thread(write), WORKSPACE_TIMEOUT)
+        except Exception as e:
+            log.warning("Could not write %s in %s/%s's workspace: %s", ALERTS, f.user, f.project, e)
 
     def _add_recent_retirements(
         self, notices: dict[str, list[dict[str, Any]]], running: set[tuple[str, str]], now: float
@@ -329,6 +469,17 @@ class Retirer:
             reason=entry.reason,
             message=entry.message,
         )
+        await self.alert(
+            view,
+            [
+                (
+                    "retired",
+                    f"Project {facts.project} was retired by policy ({entry.reason}): "
+                    f"{entry.message}. Its workspace and image are kept; start it again "
+                    "when you need it.",
+                )
+            ],
+        )
 
     # ------------------------------------------------------------ the loop
 
@@ -346,3 +497,22 @@ class Retirer:
             except Exception:  # one failed check must not end the loop
                 log.exception("Retirement check failed; trying again in %ss", interval)
             await asyncio.sleep(interval)
+
+
+def _project(container: Container | None, server: dict[str, Any], name: str) -> str:
+    """The project a server runs: its container's label, else what it was started with."""
+    options = server.get("user_options") or {}
+    found = container.labels.get(labels.PROJECT) if container is not None else None
+    return found or options.get("project") or name or "default"
+
+
+async def _bounded(work: Awaitable[T], timeout: float, what: str) -> T | None:
+    """`work`'s answer; None (logged) when it fails or takes longer than `timeout`: one
+    stuck container or workspace must not stall the check."""
+    try:
+        return await asyncio.wait_for(work, timeout)
+    except asyncio.TimeoutError:
+        log.warning("No reading of %s within %ss this check", what, timeout)
+    except Exception as e:
+        log.warning("No reading of %s this check: %s", what, e)
+    return None

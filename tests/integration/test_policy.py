@@ -1,13 +1,17 @@
 """The lab policy on a real hub and the real engine: limits refused before anything
 exists, container limits visible inside, retirement by runtime and idleness (GPU
-utilization faked at the pynvml boundary), reload without a restart."""
+utilization faked at the pynvml boundary; CPU and network from the engine), warnings
+in the workspace's `.ds01-alerts`, a `.keep-alive` holding idleness off, reload
+without a restart."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import re
 import secrets
+import stat
 import time
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from traitlets.config import Config
 
 from ds01_spawner import labels
 from ds01_spawner import settings as ds01_settings
+from ds01_spawner.alerts import ALERTS
 from ds01_spawner.configure import SERVICE_SCOPES, retirement_notices
 from ds01_spawner.ledger import GpuHolds
 from ds01_spawner.limits import PolicyStore
@@ -51,7 +56,11 @@ def retirer_for(h, token: str, dirs: dict[str, str], policy: str, simulated: int
     api = url_path_join(h.app.hub.url, "api")
     settings = DS01Settings(config=Config({"DS01Settings": {"simulated_gpus": simulated, **dirs}}))
     return Retirer(
-        HubClient(api, token), PolicyStore(policy), settings.gpu_allocator, dirs["state_dir"]
+        HubClient(api, token),
+        PolicyStore(policy),
+        settings.gpu_allocator,
+        dirs["state_dir"],
+        workspace_for=settings.workspace_for,
     )
 
 
@@ -179,7 +188,7 @@ async def test_idle_gpu_server_is_retired_and_a_busy_one_kept(hub, dirs, tmp_pat
     monkeypatch.setattr(ds01_settings, "_shared", {})  # a fresh GPU allocator
     text = (
         "defaults:\n  max_gpus: 1\n  idle_timeout: 12s\n  gpu_hold_after_stop: 10m\n"
-        "retirement:\n  warn_before: 5s\n  gpu_busy_percent: 20\n"
+        "retirement:\n  warn_before: 5s\n  gpu_busy_percent: 20\n  idle_detection_window: 1\n"
     )
     path = policy_file(tmp_path, text)
     token, extra = service_hub_config(dirs)
@@ -190,6 +199,7 @@ async def test_idle_gpu_server_is_retired_and_a_busy_one_kept(hub, dirs, tmp_pat
     busy_uuid = h.container(busy, "train").labels[labels.GPU_UUIDS]
     next(g for g in fakes if g.uuid == busy_uuid).utilization = 93  # training, no notebook use
     retirer = retirer_for(h, token, dirs, path)
+    await retirer.check()  # the first CPU and network reading: the next one is compared to it
 
     await asyncio.sleep(13)
     snapshot = await retirer.check()
@@ -200,7 +210,7 @@ async def test_idle_gpu_server_is_retired_and_a_busy_one_kept(hub, dirs, tmp_pat
 
     (entry,) = RetirementLog(dirs["state_dir"]).recent(user=idle)
     assert (entry.project, entry.reason) == ("nap", "idle_timeout")
-    assert "no Jupyter activity and no GPU use" in entry.message
+    assert "no Jupyter activity, no GPU use, CPU under 10% and network under" in entry.message
     assert GpuHolds(dirs["state_dir"]).active() == [], (
         "a GPU freed by an idle retirement is not kept for its owner"
     )
@@ -243,3 +253,53 @@ async def test_limits_json_shows_use_and_time_left(hub, dirs, tmp_path):
     (view,) = [v for v in snapshot.servers if v.facts.user == user]
     assert 7000 < view.verdict.runtime_left <= 7200 and 3500 < view.verdict.idle_left <= 3600
     assert json.dumps(view.limits.describe())  # what the page serialises
+
+
+ALERT_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (warning|retired|info) (.+)")
+
+
+async def test_warnings_reach_the_workspace_once_each_and_a_keep_alive_holds_off_idleness(
+    hub, dirs, tmp_path
+):
+    text = (
+        "defaults:\n  idle_timeout: 20s\n"
+        "retirement:\n  warn_idle: [40%, 70%]\n  idle_detection_window: 1\n"
+        "  keep_alive_max: 1h\n"
+    )
+    path = policy_file(tmp_path, text)
+    token, extra = service_hub_config(dirs)
+    h = await hub(policy_file=path, _jupyterhub=extra)
+    user = h.new_user()
+    await h.start(user, "kept")
+    code, out = exec_in(h.container(user, "kept"), "touch /workspace/.keep-alive")
+    assert code == 0, out
+    await h.start(user, "nap")
+    retirer = retirer_for(h, token, dirs, path)
+    settings = DS01Settings(config=Config({"DS01Settings": dirs}))
+
+    deadline = time.monotonic() + 90
+    while await server_model(h, user, "nap"):
+        assert time.monotonic() < deadline, "nap not retired for idleness"
+        await retirer.check()
+        await asyncio.sleep(0.5)
+
+    nap = settings.workspace_for(user, "nap")
+    lines = (nap / ALERTS).read_text().splitlines()
+    found = [ALERT_LINE.fullmatch(line) for line in lines]
+    assert all(found), lines
+    assert [m.group(1) for m in found] == ["warning", "warning", "retired"], (
+        "40 % and 70 %, each once over every check, then the retirement"
+    )
+    assert found[0].group(2).startswith("Project nap: will be retired at")
+    assert "if it stays idle" in found[0].group(2) and ".keep-alive" in found[0].group(2)
+    assert found[2].group(2).startswith("Project nap was retired by policy (idle_timeout)")
+    st, owner = os.lstat(nap / ALERTS), os.stat(nap)
+    assert (st.st_uid, st.st_gid) == (owner.st_uid, owner.st_gid) and owner.st_uid != 0
+    assert stat.S_IMODE(st.st_mode) == 0o644
+
+    for _ in range(3):  # idle far past 20s, yet kept
+        await retirer.check()
+    assert (await server_model(h, user, "kept"))["ready"], "the keep-alive holds it"
+    assert not (settings.workspace_for(user, "kept") / ALERTS).exists(), "and nothing to warn of"
+    (view,) = [v for v in (await retirer.survey()).servers if v.facts.user == user]
+    assert view.facts.project == "kept" and view.verdict.keep_alive_until > time.time() + 3000

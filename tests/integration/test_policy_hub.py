@@ -1,6 +1,7 @@
 """The lab policy with the repo's jupyterhub_config.py in a real hub process: a broken
-policy stops the hub at start; the ds01 service retires by policy out of the box and
-serves "check limits"."""
+policy stops the hub at start; the ds01 service retires by policy out of the box (its
+warnings and the retirement in the workspace's `.ds01-alerts`) and serves "check
+limits"."""
 
 from __future__ import annotations
 
@@ -62,6 +63,12 @@ def test_the_service_retires_by_policy_and_shows_limits(data):
             time.sleep(1)
         log = (data / "hub.log").read_text()
         assert f"Retiring {USER}/p (server 'p') by policy, max_runtime" in log
+        alerts = (data / "data" / "workspaces" / USER / "p" / ".ds01-alerts").read_text()
+        levels = [line.split(" ")[1] for line in alerts.splitlines()]
+        assert levels[-1] == "retired" and "max_runtime" in alerts.splitlines()[-1]
+        assert 1 <= levels.count("warning") <= 3, (
+            "warn_before (10s ahead), 75 % and 90 %: each once, over a dozen checks"
+        )
 
         admin = {"Authorization": f"token {hub.admin_token()}"}
         view = requests.get(service + "limits?all=1", headers=admin, timeout=30).json()
