@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import Refusal
-from .gpus import GpuPolicy, GpuRefusal, GpuRequest, choose
+from .gpus import GpuPolicy, GpuRefusal, GpuRequest, GpuShortage, choose
 from .ledger import Hold, Holder
 from .limits import Limits
 from .nvml import GpuSlot, GpuUnavailable
@@ -65,7 +65,7 @@ def admit(request: ProjectRequest, facts: Facts) -> None:
         )
     check_running_projects(limits, sorted(facts.running))
     if request.gpus and facts.gpus is not None:
-        check_gpus(gpu_request(request, facts.user, facts.server), facts.gpus)
+        check_gpus(gpu_request(request, facts.user, facts.server), facts.gpus, request.wait)
 
 
 def check_running_projects(limits: Limits, running: list[str]) -> None:
@@ -89,12 +89,17 @@ def gpu_request(request: ProjectRequest, user: str, server: str) -> GpuRequest:
     return GpuRequest(user, request.name, server, request.gpus, request.mig)
 
 
-def check_gpus(request: GpuRequest, gpus: GpuFacts) -> list[GpuSlot]:
-    """The GPUs `choose` would give now, or a 409 Refusal saying why there are none."""
+def check_gpus(request: GpuRequest, gpus: GpuFacts, may_wait: bool = False) -> list[GpuSlot]:
+    """The GPUs `choose` would give now, or a 409 Refusal saying why there are none;
+    none for now is no refusal for a request that `may_wait` in the GPU queue."""
     if gpus.slots is None:
         raise gpu_refusal(GpuUnavailable("NVML cannot be read"))
     try:
         return choose(gpus.slots, gpus.ledger, request, gpus.policy, gpus.holds)
+    except GpuShortage as e:
+        if may_wait:
+            return []
+        raise gpu_refusal(e) from None
     except GpuRefusal as e:
         raise gpu_refusal(e) from None
 
@@ -106,4 +111,9 @@ def gpu_refusal(e: GpuRefusal | GpuUnavailable) -> Refusal:
         return Refusal(
             f"this server has no usable GPUs ({e}); start without a GPU", status=503, reason="gpu"
         )
-    return Refusal(f"no GPU for you right now: {e}", status=409, reason="gpu")
+    wait = (
+        " Or wait for one: tick 'Wait for a GPU' (user_options wait: true)."
+        if isinstance(e, GpuShortage) and "wait" not in str(e)
+        else ""
+    )
+    return Refusal(f"no GPU for you right now: {e}{wait}", status=409, reason="gpu")

@@ -80,6 +80,10 @@ class ContainerPlan:
         )
 
 
+def _seconds(value: float | None) -> str:
+    return "" if value is None else str(int(value))
+
+
 def harden_request(
     kwargs: dict[str, Any], plan: ContainerPlan, *, seal: Seal, started_at: str
 ) -> dict[str, Any]:
@@ -99,6 +103,7 @@ def harden_request(
         labels.IMAGE: plan.image,
         labels.UID: str(plan.ids.uid),
         labels.STARTED_AT: started_at,
+        labels.MAX_RUNTIME: _seconds(plan.limits.max_runtime if plan.limits else None),
         # GPU labels empty where none apply: a label the user's image set never shows
         **gpu_labels(list(plan.gpus), plan.gpus_since),
     }

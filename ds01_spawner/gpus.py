@@ -23,6 +23,10 @@ class GpuRefusal(Exception):
     """No GPU can be given; the message says why and what the researcher can do."""
 
 
+class GpuShortage(GpuRefusal):
+    """Not enough free GPUs right now (but the request is allowed): waiting may help."""
+
+
 @dataclass(frozen=True)
 class GpuPolicy:
     """The admin's rules for handing out GPUs (see DS01Spawner's gpu settings)."""
@@ -144,6 +148,10 @@ def choose(
             f"your limit is {_gpus(policy.max_per_user)}{holding}: "
             f"asking for {_gpus(asked)} more would exceed it.{advice}"
         )
+    if len(usable) < request.count:
+        raise GpuRefusal(
+            f"this server has {len(usable)} {noun} to hand out; you asked for {request.count}"
+        )
     if len(free) < request.count:
         in_use = len(usable) - len(free) - outside - kept_for_others
         parts = [f"{in_use} held by running servers"] if in_use else []
@@ -157,7 +165,7 @@ def choose(
             )
         else:
             have = f"all {len(usable)} {noun} are in use"
-        raise GpuRefusal(
+        raise GpuShortage(
             f"{have} ({', '.join(parts)}); you asked for {request.count}. A GPU frees up "
             "as soon as a server holding one stops: try again later, ask for fewer, "
             "or start without a GPU."
@@ -180,7 +188,8 @@ class GpuAllocator:
     _lock: asyncio.Lock | None = None
     _loop: asyncio.AbstractEventLoop | None = None
 
-    def _guard(self) -> asyncio.Lock:
+    def lock(self) -> asyncio.Lock:
+        """The lock every GPU decision of this process is taken under."""
         loop = asyncio.get_running_loop()
         if self._lock is None or self._loop is not loop:  # one hub, one loop (tests run many)
             self._lock, self._loop = asyncio.Lock(), loop
@@ -212,23 +221,27 @@ class GpuAllocator:
     async def allocate(
         self, request: GpuRequest, policy: GpuPolicy, since: str, holds: Iterable[Hold] = ()
     ) -> list[GpuSlot]:
-        async with self._guard():
+        async with self.lock():
             slots = await self.slots()
             chosen = choose(slots, await self.ledger(), request, policy, holds)
-            if chosen:
-                self._pending[(request.user, request.server)] = [
-                    Holder(
-                        s.uuid,
-                        request.user,
-                        request.project,
-                        request.server,
-                        since,
-                        s.fraction,
-                        "(starting)",
-                    )
-                    for s in chosen
-                ]
+            self.claim(request, chosen, since)
             return chosen
+
+    def claim(self, request: GpuRequest, chosen: list[GpuSlot], since: str) -> None:
+        """Count `chosen` as held by the request's server until it settles (lock held)."""
+        if chosen:
+            self._pending[(request.user, request.server)] = [
+                Holder(
+                    s.uuid,
+                    request.user,
+                    request.project,
+                    request.server,
+                    since,
+                    s.fraction,
+                    "(starting)",
+                )
+                for s in chosen
+            ]
 
     def settle(self, user: str, server: str) -> None:
         """The server's container now carries the labels (or will never exist)."""

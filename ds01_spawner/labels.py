@@ -18,6 +18,7 @@ SERVER_NAME = "ds01.server_name"
 IMAGE = "ds01.image"
 UID = "ds01.uid"
 STARTED_AT = "ds01.started_at"
+MAX_RUNTIME = "ds01.max_runtime"  # seconds, the policy's at the start ("": none); for display
 DOCKERFILE_SHA256 = "ds01.dockerfile_sha256"
 # the GPU ledger: what a container holds, written when it is created
 GPU_UUIDS = "ds01.gpu.uuids"

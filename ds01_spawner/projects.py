@@ -25,7 +25,7 @@ from .statefiles import write_json
 
 # JupyterHub's own rules for named servers, so a project name is a server name.
 PROJECT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,29}$")
-OPTION_KEYS = frozenset({"project", "type", "profile", "gpus"})
+OPTION_KEYS = frozenset({"project", "type", "profile", "gpus", "wait"})
 MAX_GPUS_ASKED = 64
 MAX_OPTIONS_BYTES = 4096
 DOCKERFILE = "Dockerfile"
@@ -228,6 +228,7 @@ class ProjectRequest:
     new: bool
     gpus: int = 0
     mig: bool = False  # MIG slices instead of whole GPUs
+    wait: bool = False  # no free GPU: wait in the GPU queue instead of being refused
 
     def user_options(self) -> dict[str, str | int]:
         """The canonical user_options; ``profile`` feeds the admin panel's Profile column."""
@@ -238,7 +239,21 @@ class ProjectRequest:
         }
         if self.gpus:
             options["gpus"] = "mig" if self.mig else self.gpus
+            if self.wait:
+                options["wait"] = True
         return options
+
+
+_YES, _NO = frozenset({"true", "1", "on", "yes"}), frozenset({"false", "0", "off", "no", ""})
+
+
+def parse_wait(value: object) -> bool:
+    """``wait``: true to queue for a GPU when none is free (JSON true/false, or a form's text)."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _YES | _NO:
+        return value.strip().lower() in _YES
+    raise InvalidRequest("option 'wait' must be true or false")
 
 
 _GPU_COUNT = re.compile(r"[0-9]{1,3}")  # ASCII only: "²".isdigit() is True, int("²") fails
@@ -304,7 +319,8 @@ def parse_user_options(
     if server_name:
         check_server_name(server_name)
     gpus, mig = parse_gpus(options.get("gpus"))
-    for key in (OPTION_KEYS - {"gpus"}) & set(options):
+    wait = parse_wait(options.get("wait")) and gpus > 0
+    for key in (OPTION_KEYS - {"gpus", "wait"}) & set(options):
         if not isinstance(options[key], str):
             raise InvalidRequest(f"option {key!r} must be a string")
 
@@ -327,13 +343,13 @@ def parse_user_options(
                 f"project {name!r} already exists with type {project.type!r}; "
                 f"create a new project to use type {asked_type!r}"
             )
-        return ProjectRequest(name, project.type, new=False, gpus=gpus, mig=mig)
+        return ProjectRequest(name, project.type, new=False, gpus=gpus, mig=mig, wait=wait)
     project_type = asked_type or default_type
     if project_type not in types:
         raise InvalidRequest(
             f"unknown project type {project_type[:40]!r}; choose one of: {', '.join(types)}"
         )
-    return ProjectRequest(name, project_type, new=True, gpus=gpus, mig=mig)
+    return ProjectRequest(name, project_type, new=True, gpus=gpus, mig=mig, wait=wait)
 
 
 def options_from_form(
@@ -351,6 +367,8 @@ def options_from_form(
     options = {}
     if field("gpus") not in ("", "0"):
         options["gpus"] = field("gpus")
+        if field("wait"):
+            options["wait"] = field("wait")
     choice = field("project")
     if choice == "__new__" or not choice:
         choice = field("new_project")

@@ -25,12 +25,14 @@ from traitlets.config import Config, LoggingConfigurable
 from .audit import AuditLog
 from .builds import BuildRecords, ImageBuilder
 from .engine import docker_client
+from .gpuqueue import GpuQueue
 from .gpus import GpuAllocator, GpuPolicy, gpu_allocator
 from .images import BUILD_NETWORK, BuildSettings
 from .ledger import GpuHolds
 from .limits import Limits, PolicyStore
 from .projects import ProjectStore, ProjectType, discover_types
 from .units import parse_size
+from .workspaces import workspace_path
 
 _REPO_TYPES = Path(__file__).resolve().parent.parent / "images" / "types"
 SETTINGS_ENV = "DS01_SERVICE_SETTINGS"  # how configure(c) hands the hub's values to the service
@@ -370,6 +372,12 @@ class DS01Settings(LoggingConfigurable):
         key = ("gpus", self.simulated_gpus, self.state_dir)
         return shared(key, lambda: gpu_allocator(self.simulated_gpus, self.state_dir))
 
+    @property
+    def gpu_queue(self) -> GpuQueue:
+        """This hub's GPU queue, in front of its allocator (gpuqueue.py)."""
+        key = ("gpu-queue", self.simulated_gpus, self.state_dir)
+        return shared(key, lambda: GpuQueue(self.gpu_allocator, self.state_dir))
+
     def gpu_policy(self, limits: Limits) -> GpuPolicy:
         """The GPU rules for a user with `limits`: the policy's, and the hub's settings."""
         return GpuPolicy(
@@ -391,6 +399,16 @@ class DS01Settings(LoggingConfigurable):
     @property
     def store(self) -> ProjectStore:
         return ProjectStore(self.state_dir)
+
+    def workspace_for(self, owner: str, project: str) -> Path:
+        """The host path of `owner`'s workspace of `project` (a WorkspaceError if the
+        template puts it outside the root)."""
+        return workspace_path(
+            self.workspace_template,
+            root=self.workspace_root,
+            user=self.store.slug(owner),
+            project=project,
+        )
 
     def types(self) -> dict[str, ProjectType]:
         return discover_types(self.project_types_dir, self.project_types or None)

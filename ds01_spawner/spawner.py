@@ -46,6 +46,7 @@ from .container import ContainerPlan, describe_limits, harden_request, service_u
 from .engine import wait_removed
 from .errors import Refusal, spawn_exception
 from .events import EventLog
+from .gpuqueue import QueueTimeout, Waiter
 from .gpus import GpuRefusal, GpuRequest
 from .identity import UidAllocator, UserIds, resolve_ids
 from .images import image_ref, project_build_spec
@@ -74,7 +75,7 @@ from .workspaces import read_workspace_file
 # The share of the progress bar each spawn phase uses; the spawn page keeps the last
 # MAX_PROGRESS_EVENTS lines (a build may print without end).
 MAX_PROGRESS_EVENTS = 2000
-_BUILD_START, _BUILD_END, _CONTAINER, _ANSWER = 10, 85, 90, 95
+_BUILD_START, _BUILD_END, _WAITING, _CONTAINER, _ANSWER = 10, 85, 88, 90, 95
 
 
 class DS01Spawner(ServerAudit, DS01Settings, DockerSpawner):
@@ -177,6 +178,7 @@ class DS01Spawner(ServerAudit, DS01Settings, DockerSpawner):
         ):
             if problem:
                 raise TraitError(problem)
+        self._start_timeout = self.start_timeout  # a GPU wait adds its queue_timeout to it
 
     # DockerSpawner defaults that fit the DS01 model.
     @default("remove")
@@ -269,8 +271,23 @@ class DS01Spawner(ServerAudit, DS01Settings, DockerSpawner):
         """Refuse a bad request before anything is created (400, 403, 409)."""
         with self._refusing():
             request = self._parse(user_options, self.types())
-            self._admit(request, self.limits())
+            limits = self.limits()
+            self._admit(request, limits)
+            self.start_timeout = self._start_timeout + self._queue_timeout(request, limits)
             self._store_user_options(request, user_options)
+
+    def _queue_timeout(self, request: ProjectRequest, limits: Limits) -> float:
+        """How long this start may wait in the GPU queue (0: it does not wait)."""
+        if not request.wait:
+            return 0.0
+        if limits.queue_timeout is None:
+            raise Refusal(
+                "waiting for a GPU is off for you (queue_timeout: none in the lab policy); "
+                "start without waiting, or without a GPU",
+                status=403,
+                reason="policy",
+            )
+        return limits.queue_timeout
 
     @contextlib.contextmanager
     def _refusing(self) -> Iterator[None]:
@@ -343,6 +360,11 @@ class DS01Spawner(ServerAudit, DS01Settings, DockerSpawner):
         gpus = gpu_choices(
             limits, slots, ledger, reserved=self.gpus_reserved, offer_mig=self.offer_mig
         )
+        queue = self.gpu_queue
+        gpus["waiting"] = len(queue.waiting())
+        gpus["queue"] = limits.queue_timeout is not None
+        interrupted = queue.interrupted_for(self.user.name, self.name)
+        gpus["interrupted"] = interrupted.message if interrupted else ""
         if fixed and not gpus["max"]:
             return ""  # a named server's project is fixed and there is nothing else to pick
         try:
@@ -381,6 +403,9 @@ class DS01Spawner(ServerAudit, DS01Settings, DockerSpawner):
             with self._refusing():
                 return await self._start()
         finally:
+            # the container carries the ledger labels now, or never will (a failed or
+            # cancelled start): GPUs given to it count no more as "starting"
+            self.gpu_allocator.settle(self.user.name, self.name)
             self._events.close()
 
     async def _start(self) -> tuple[str, int]:
@@ -400,7 +425,9 @@ class DS01Spawner(ServerAudit, DS01Settings, DockerSpawner):
         if unsaved:
             self._emit(5, unsaved_notice(unsaved, self.user.name, project.name))
         image = await self._ensure_image(project, workspace)
-        gpus, since = await self._assign_gpus(asked, limits) if asked.count else ((), "")
+        gpus, since = (
+            await self._assign_gpus(asked, limits, wait=request.wait) if asked.count else ((), "")
+        )
         self.plan = self.start_plan(
             project, image, ids, workspace, gpus=gpus, since=since, limits=limits, unsaved=unsaved
         )
@@ -472,14 +499,30 @@ class DS01Spawner(ServerAudit, DS01Settings, DockerSpawner):
         slots, ledger = await self.gpu_allocator.state()
         return GpuFacts(slots, ledger, self.gpu_policy(limits), self.gpu_holds.active())
 
-    async def _assign_gpus(self, request: GpuRequest, limits: Limits) -> tuple[list[GpuSlot], str]:
-        """Take the GPUs, under the allocator's lock; a hold on them for this project ends."""
+    async def _assign_gpus(
+        self, request: GpuRequest, limits: Limits, *, wait: bool = False
+    ) -> tuple[list[GpuSlot], str]:
+        """Take the GPUs, now or in the GPU queue (`wait`); a hold on them for this project ends."""
         since = labels.now_iso()
         holds = self.gpu_holds
+        queue = self.gpu_queue
+
+        def waiting(waiter: Waiter, message: str) -> None:
+            self._emit(_WAITING, message)
+
         try:
-            chosen = await self.gpu_allocator.allocate(
-                request, self.gpu_policy(limits), since, holds.active()
+            chosen = await queue.allocate(
+                request,
+                self.gpu_policy(limits),
+                since,
+                holds.active,
+                wait=wait,
+                priority=limits.queue_priority,
+                timeout=limits.queue_timeout or 0.0,
+                on_update=waiting,
             )
+        except QueueTimeout as e:
+            raise Refusal(str(e), status=409, reason="gpu_queue") from None
         except (GpuRefusal, GpuUnavailable) as e:
             raise gpu_refusal(e) from None
         holds.release(self.user.name, request.project, [s.uuid for s in chosen])
@@ -590,7 +633,7 @@ class DS01Spawner(ServerAudit, DS01Settings, DockerSpawner):
             )
         held = (inspected["Config"]["Labels"] or {}) if inspected else self._plan_labels(plan)
         uuids = held_uuids(held)
-        keep_for = self._hold_seconds() if uuids else 0
+        keep_for = self._hold_seconds() if uuids and not self.gpu_queue.waiting() else 0
         await super().stop(now=now)
         if container:  # a container was started (by this hub, or before its restart)
             self._audit_stopped(plan, name, held)
@@ -599,6 +642,8 @@ class DS01Spawner(ServerAudit, DS01Settings, DockerSpawner):
             self.log.info("GPU %s kept for %s/%s for %ss", uuids, self.user.name, project, keep_for)
         if container and not await asyncio.to_thread(wait_removed, container, 30):
             self.log.warning("Container %s still exists 30s after its removal", container[:12])
+        if uuids:
+            self.gpu_queue.wake()  # the GPUs are free: the first waiters get them now
         self.log.info("Retired %s (project %s) of %s", self.object_name, project, self.user.name)
 
     def _hold_seconds(self) -> float:

@@ -90,3 +90,14 @@ def test_no_usable_gpus_is_a_503_and_a_taken_one_a_409():
 def test_the_in_use_check_comes_before_the_limits():
     e = refused(ask(type_="cv"), facts(Limits(allowed_types=("base",)), running={"thesis": "t"}))
     assert e.reason == "project_in_use"
+
+
+def test_no_free_gpu_is_no_refusal_for_a_start_that_waits_in_the_queue():
+    taken = GpuFacts(GPUS, [held_by("bob", "GPU-0"), held_by("eve", "GPU-1")], GpuPolicy())
+    e = refused(ask(gpus=1), facts(gpus=taken))
+    assert e.status == 409 and "Wait for a GPU" in str(e) and "wait: true" in str(e)
+    waiting = ProjectRequest("thesis", "base", new=False, gpus=1, wait=True)
+    admit(waiting, facts(gpus=taken))  # it will wait instead
+    over = GpuFacts(GPUS, [held_by("ada", "GPU-0")], GpuPolicy(max_per_user=1))
+    e = refused(waiting, facts(gpus=over))  # its own limit: waiting would not help
+    assert "your limit is 1 GPU" in str(e)

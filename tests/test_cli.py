@@ -489,6 +489,25 @@ def test_project_launch_follows_the_start_to_its_end(fake, cli, capsys, last_eve
     assert ("thesis did not start: no GPU is free" in out) == (code == commands.EXIT_FAILED)
 
 
+def test_project_launch_queue_asks_to_wait_and_follows_the_wait(fake, cli, capsys):
+    fake.answers[f"GET {THESIS}"] = {"build": {"status": "done"}}
+    fake.answers["POST api/projects/alice/thesis/launch"] = {
+        "status": "waiting",
+        "position": 2,
+        "url": "/user/alice/thesis/",
+        "message": "thesis waits for a GPU, 2nd in line",
+    }
+    fake.answers["GET api/projects/alice/thesis/progress"] = stream(
+        {"progress": 88, "message": "Waiting for a GPU, 1st in line: you are next; 2 GPUs held"},
+        {"progress": 100, "message": "Server ready", "ready": True},
+    )
+    assert cli("project", "launch", "thesis", "--gpu", "1", "--queue") == commands.EXIT_OK
+    assert ("POST", "api/projects/alice/thesis/launch", {"gpus": 1, "wait": True}) in fake.calls
+    out = capsys.readouterr().out
+    assert "thesis waits for a GPU, 2nd in line" in out
+    assert "[ 88%] Waiting for a GPU, 1st in line" in out
+
+
 # ---------------------------------------------------------------- the image-update menu
 
 

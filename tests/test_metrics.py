@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,8 +21,10 @@ from tornado.testing import bind_unused_port
 
 from ds01_spawner.audit import AuditLog, read_events
 from ds01_spawner.configure import METRICS_ROLE, with_metrics_role
+from ds01_spawner.gpuqueue import QueueFile, Waiter, with_positions
 from ds01_spawner.ledger import Hold, Holder, gpu_report
 from ds01_spawner.nvml import GpuSlot
+from ds01_spawner.service.gpu_page import queue_rows
 from ds01_spawner.service.metrics import (
     ImageDisk,
     ImageUsage,
@@ -246,6 +250,34 @@ async def test_gpus_are_counted_by_state(tmp_path):
 
     states = {s: sample(samples, "ds01_gpus", state=s) for s in ("allocated", "kept", "free")}
     assert states == {"allocated": 1, "kept": 1, "free": 2}  # GPU-9 is not in the inventory
+
+
+async def test_the_gpu_queue_is_counted_by_kind_and_state(tmp_path):
+    now = time.time()
+    waits = [
+        Waiter("dan", "a", "a", 1, enqueued_at=now - 5, deadline=now + 60, seq=1),
+        Waiter("eve", "b", "b", 2, enqueued_at=now - 4, deadline=now + 60, seq=2),
+        Waiter("fay", "c", "c", 1, mig=True, enqueued_at=now - 3, deadline=now + 60, seq=3),
+    ]
+    queue = QueueFile(str(tmp_path))
+    queue.write("hub", [*with_positions(waits), replace(waits[0], user="gus", state="interrupted")])
+    view = {**gpu_page_view(), "queue": queue_rows(queue)}
+    samples = await scrape(metrics_for(tmp_path, gpus=view))
+
+    length = {
+        (k, s): sample(samples, "ds01_gpu_queue_length", kind=k, state=s)
+        for k in ("gpu", "mig")
+        for s in ("waiting", "interrupted")
+    }
+    assert length == {
+        ("gpu", "waiting"): 2,
+        ("gpu", "interrupted"): 1,
+        ("mig", "waiting"): 1,
+        ("mig", "interrupted"): 0,
+    }
+    assert [(r["user"], r["place"]) for r in view["queue"]] == [
+        ("dan", "1st"), ("fay", "1st"), ("eve", "2nd"), ("gus", ""),
+    ]  # fmt: skip
 
 
 async def test_gpu_memory_and_utilization_come_from_nvml(tmp_path):

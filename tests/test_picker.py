@@ -68,3 +68,29 @@ def test_the_form_escapes_what_users_named():
         gpus={"max": 0, "mig": False, "note": ""},
     )
     assert "<b>x</b>" not in html and "&lt;b&gt;x&lt;/b&gt;" in html
+
+
+def picker_with(**gpus) -> str:
+    return render_picker(
+        projects=[],
+        built={},
+        types={},
+        default_type="base",
+        server_name="paper",
+        fixed_project=True,
+        selected="__new__",
+        gpus={"max": 1, "mig": False, "note": "0 of 2 GPUs free right now", **gpus},
+    )
+
+
+def test_the_form_offers_to_wait_for_a_gpu_and_says_how_many_wait():
+    html = picker_with(queue=True, waiting=3, interrupted="")
+    assert 'name="wait"' in html and "(3 waiting now)" in html
+    assert "checked" not in html.split('name="wait"')[1].split(">")[0]
+    assert 'name="wait"' not in picker_with(queue=False, waiting=0, interrupted="")
+
+
+def test_the_form_says_a_restart_ended_the_wait_and_ticks_wait_again():
+    html = picker_with(queue=True, waiting=0, interrupted="Your wait ended <when> the hub")
+    assert "Your wait ended &lt;when&gt; the hub" in html
+    assert "checked" in html.split('name="wait"')[1].split(">")[0]

@@ -415,3 +415,27 @@ def test_a_workspace_that_is_a_link_is_not_archived(tmp_path):
             tmp_path / "alice" / "x", root=str(tmp_path), slug="alice", project="x", stamp="t"
         )
     assert (tmp_path / "alice" / "x").is_symlink()
+
+
+@pytest.mark.parametrize(
+    "given, wait",
+    [(True, True), (False, False), ("true", True), ("on", True), ("0", False), (None, False)],
+)
+def test_wait_asks_for_the_gpu_queue_and_is_kept_in_the_options(given, wait):
+    r = parse({"project": "thesis", "gpus": 1, "wait": given})
+    assert r.wait is wait
+    assert ("wait" in r.user_options()) is wait
+
+
+def test_wait_without_a_gpu_means_nothing_and_a_bad_wait_is_refused():
+    assert parse({"project": "thesis", "wait": True}).wait is False
+    with pytest.raises(InvalidRequest, match="'wait' must be true or false"):
+        parse({"project": "thesis", "gpus": 1, "wait": "perhaps"})
+    with pytest.raises(InvalidRequest, match="'wait' must be true or false"):
+        parse({"project": "thesis", "gpus": 1, "wait": 1})
+
+
+def test_the_pickers_wait_box_becomes_the_wait_option():
+    form = {"project": ["thesis"], "gpus": ["1"], "wait": ["true"]}
+    assert options_from_form(form) == {"project": "thesis", "gpus": "1", "wait": "true"}
+    assert "wait" not in options_from_form({"project": ["thesis"], "wait": ["true"]})

@@ -122,7 +122,7 @@ def launch(t: Terminal, project: str, body: dict[str, Any], *, wait: bool, as_js
         show_rebuild(t, project)
     result = t.service.post(t.service.project_path("projects", project, "launch"), body)
     url = t.url(result["url"])
-    if result["status"] == "starting" and wait:
+    if result["status"] in ("starting", "waiting") and wait:
         if not as_json:
             t.say(result["message"])
         ready, last = follow_start(t, project, show=not as_json)
@@ -283,6 +283,8 @@ def project(t: Terminal, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {}
     if args.gpu is not None:
         body["gpus"] = args.gpu if args.gpu == "mig" else int(args.gpu)
+        if args.queue:
+            body["wait"] = True
     if args.action == "init":
         body["create"] = True
         if args.type:
@@ -408,6 +410,11 @@ def parser(program: str) -> argparse.ArgumentParser:
             if name == "init":
                 s.add_argument("--type", help="the project type (its Dockerfile template)")
             s.add_argument("--gpu", choices=["0", "1", "2", "3", "4", "mig"], help="GPUs to take")
+            s.add_argument(
+                "--queue",
+                action="store_true",
+                help="no GPU free: wait in the GPU queue (first come, first served)",
+            )
             s.add_argument("--no-wait", action="store_true", help="do not follow the start")
         return p
     raise SystemExit(f"ds01: unknown command {program!r}")

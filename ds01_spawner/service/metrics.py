@@ -60,6 +60,7 @@ from tornado import web
 from .. import labels
 from ..audit import parse_line
 from ..engine import docker_client
+from ..gpuqueue import QueueFile
 from ..settings import DS01Settings
 from ..usage import holds_from_events
 from .base import BaseHandler
@@ -414,6 +415,19 @@ def gpu_families(view: Mapping[str, Any]) -> Iterator[Metric]:
     for state in GPU_STATES:
         states.add_metric([state], counts[state])
     yield from (states, allocated, used, total, utilization)
+    queue = GaugeMetricFamily(
+        "ds01_gpu_queue_length",
+        "Spawns waiting in the GPU queue, by kind (gpu or mig); interrupted: waits a restart "
+        "of the hub ended, whose places are kept for a while.",
+        labels=["kind", "state"],
+    )
+    waits: Counter[tuple[str, str]] = Counter(
+        ("mig" if w["mig"] else "gpu", w["state"]) for w in view.get("queue", [])
+    )
+    for kind in ("gpu", "mig"):
+        for state in ("waiting", "interrupted"):
+            queue.add_metric([kind, state], waits[(kind, state)])
+    yield queue
 
 
 def image_families(usage: ImageUsage) -> Iterator[Metric]:
@@ -488,8 +502,11 @@ class Metrics:
     def for_service(cls, shared: DS01Settings) -> Metrics:
         """Over the service's state directory, GPU allocator and kept GPUs."""
         allocator, holds = shared.gpu_allocator, shared.gpu_holds
+        queue = QueueFile(shared.state_dir)
         return cls(
-            TrailFollower(shared.state_dir), lambda: gpu_view(allocator, holds), ImageDisk().read
+            TrailFollower(shared.state_dir),
+            lambda: gpu_view(allocator, holds, queue),
+            ImageDisk().read,
         )
 
     async def render(self) -> bytes:

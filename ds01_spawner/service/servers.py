@@ -20,6 +20,7 @@ from jupyterhub.utils import url_escape_path
 from tornado.httpclient import HTTPClientError
 
 from ..errors import Refusal
+from ..gpuqueue import WAITING, QueueFile, ordinal
 from ..images import BuildError
 from ..projects import (
     InvalidRequest,
@@ -32,7 +33,7 @@ from .image_manager import ImageManager, is_set
 
 # The server actions and the fields each takes (a form posts the same names).
 SERVER_ACTION_FIELDS: dict[str, frozenset[str]] = {
-    "launch": frozenset({"gpus", "type", "create"}),
+    "launch": frozenset({"gpus", "type", "create", "wait"}),
     "retire": frozenset({"save_packages", "rebuild"}),
 }
 
@@ -75,6 +76,7 @@ class ServerManager:
     def __init__(self, hub: HubClient, images: ImageManager, hub_base_url: str = "/") -> None:
         self.hub = hub
         self.images = images
+        self.state_dir = str(images.store.root.parent)
         self.base_url = hub_base_url if hub_base_url.endswith("/") else hub_base_url + "/"
         self._streams: dict[str, int] = {}
         # one launch or retire of a project at a time: a launch right after a retire
@@ -105,6 +107,7 @@ class ServerManager:
                 project_type=args.get("type") or "",
                 gpus=args.get("gpus"),
                 create=is_set(args.get("create")),
+                wait=is_set(args.get("wait")),
             )
         if action == "retire":
             save = is_set(args.get("save_packages"))
@@ -159,11 +162,14 @@ class ServerManager:
         project_type: str = "",
         gpus: Any = None,
         create: bool = False,
+        wait: bool = False,
     ) -> dict[str, Any]:
-        """Start the project in its named server; a new one (`create`) of `project_type`.
+        """Start the project in its named server; a new one (`create`) of `project_type`;
+        `wait`: in the GPU queue when no GPU is free.
 
         Returns at once with ``status`` "running" (it was), "ready" (it answered
-        within the hub's slow-spawn wait) or "starting" (follow ``progress``).
+        within the hub's slow-spawn wait), "waiting" (in the GPU queue; ``position``
+        says where) or "starting" (follow ``progress``).
         """
         project = self.project_of(owner, name, create=create)
         if not isinstance(project_type, str):
@@ -187,6 +193,8 @@ class ServerManager:
             options["type"] = project_type
         if gpus not in (None, "", 0, "0"):
             options["gpus"] = gpus
+            if wait:
+                options["wait"] = True
         try:
             response = await self.hub.call(
                 "POST", server_path(owner, name), {"user_options": options}, raw=True
@@ -195,9 +203,17 @@ class ServerManager:
             raise hub_refusal(e, f"start {name}") from None
         state = "ready" if response.code == 201 else "starting"
         verb = "Created and started" if create else "Started"
-        return self._answer(
+        answer = self._answer(
             owner, name, state, f"{verb} {name}" if state == "ready" else f"Starting {name}"
         )
+        waiter = QueueFile(self.state_dir).read().for_user(owner).get(name)
+        if state == "starting" and waiter is not None and waiter.state == WAITING:
+            answer.update(
+                status="waiting",
+                position=waiter.position,
+                message=f"{name} waits for a GPU, {ordinal(waiter.position)} in line",
+            )
+        return answer
 
     @contextlib.contextmanager
     def progress_stream(self, user: str) -> Iterator[None]:
