@@ -8,6 +8,7 @@ import ipaddress
 import json
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -35,6 +36,8 @@ METRICS_ROLE = {
 }
 # JupyterHub's `server` role: what a server's token may do unless told otherwise
 SERVER_ROLE_SCOPES = ["users:activity!user", "access:servers!server"]
+# ds01's overrides of the hub's pages: home.html lists the user's projects
+HUB_TEMPLATES = str(Path(__file__).resolve().parent / "templates" / "hub")
 
 
 def docker_bridge_ip(network: str = "bridge", fallback: str = "172.17.0.1") -> str:
@@ -80,7 +83,10 @@ def configure(
     - `simulated_gpus` > 0 presents that many pretend GPUs, to spawner and service;
     - the service listens on `service_ip` (default: where containers reach the hub),
       so the terminal commands in every server reach it, with the server's own
-      token (whose scopes `server_token_scopes` gives access to the service).
+      token (whose scopes `server_token_scopes` gives access to the service);
+    - the hub's home page lists the user's projects: ds01's ``home.html`` comes
+      after your own ``c.JupyterHub.template_paths`` (set them before the call),
+      so a ``home.html`` of yours still wins.
 
     It only fills in what you left unset: your own ``c.JupyterHub.hub_ip``,
     ``c.DockerSpawner.network_name``, ``c.DS01Spawner.simulated_gpus`` (...)
@@ -149,6 +155,7 @@ def configure(
         },
     ]
 
+    c.JupyterHub.template_paths = with_hub_templates(_get(c.JupyterHub, "template_paths", []))
     # retirement warnings and recent retirements, on every hub page of the user
     c.JupyterHub.template_vars = {
         **_get(c.JupyterHub, "template_vars", {}),
@@ -157,6 +164,13 @@ def configure(
             _get(c.JupyterHub, "template_vars", {}).get("announcement", ""),
         ),
     }
+
+
+def with_hub_templates(paths: Iterable[str]) -> list[str]:
+    """The admin's template paths, then ds01's: the hub takes a page from the first path
+    that has it, so an admin's own home.html still wins over ds01's projects home."""
+    paths = list(paths)
+    return paths if HUB_TEMPLATES in paths else [*paths, HUB_TEMPLATES]
 
 
 def with_metrics_role(roles: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from jupyterhub.roles import get_default_roles
 from traitlets.config import Config, PyFileConfigLoader
 
 from ds01_spawner import DS01Spawner
-from ds01_spawner.configure import SERVICE_ACCESS, configure, server_token_scopes
+from ds01_spawner.configure import HUB_TEMPLATES, SERVICE_ACCESS, configure, server_token_scopes
 from ds01_spawner.settings import SETTINGS_ENV, SHARED_SETTINGS, DS01Settings
 
 
@@ -84,6 +84,14 @@ def test_the_admins_own_scope_description_is_kept():
     c.JupyterHub.custom_scopes = {"custom:ds01:admin": {"description": "lab admins"}}
     configure(c)
     assert c.JupyterHub.custom_scopes["custom:ds01:admin"] == {"description": "lab admins"}
+
+
+def test_the_projects_home_template_comes_after_the_admins_own_templates():
+    c = Config()
+    c.JupyterHub.template_paths = ["/srv/lab/templates"]
+    configure(c)
+    assert c.JupyterHub.template_paths == ["/srv/lab/templates", HUB_TEMPLATES]
+    assert (Path(HUB_TEMPLATES) / "home.html").is_file()
 
 
 def test_spawner_settings_set_after_configure_reach_the_service(tmp_path):

@@ -20,10 +20,12 @@ from traitlets.config import Application
 
 from .. import labels
 from ..configure import ADMIN_SCOPE
+from ..gpuqueue import QueueFile
 from ..settings import DS01Settings
 from .base import MAX_BODY_BYTES
 from .cleaner import Cleaner
 from .gpu_page import GpuHandler
+from .home_page import HomeDataHandler, HomeSignInHandler
 from .hub_api import HubClient
 from .image_manager import ACTION_FIELDS, ImageManager
 from .image_page import (
@@ -34,6 +36,7 @@ from .image_page import (
 )
 from .limits_page import LimitsHandler, PolicyReloadHandler
 from .metrics import Metrics, MetricsHandler
+from .overview import Overview
 from .retirer import Retirer
 from .server_page import ServerActionHandler, ServerProgressHandler
 from .servers import SERVER_ACTION_FIELDS, ServerManager
@@ -101,7 +104,12 @@ class DS01Service(Application):
             autoescape=select_autoescape(),
         )
         self.retirer = Retirer(
-            hub, shared.policy_store, shared.gpu_allocator, shared.state_dir, audit=shared.audit
+            hub,
+            shared.policy_store,
+            shared.gpu_allocator,
+            shared.state_dir,
+            audit=shared.audit,
+            workspace_for=shared.workspace_for,  # .keep-alive read, .ds01-alerts written there
         )
         manager = ImageManager(shared, hub, allow_url_packages=self.allow_url_packages)
         hub_base_url = os.environ.get("JUPYTERHUB_BASE_URL", "/")
@@ -109,8 +117,10 @@ class DS01Service(Application):
             "manager": manager,
             "servers": ServerManager(hub, manager, hub_base_url),
             "usage": UsageCache(shared.state_dir),
+            "overview": Overview(manager, hub, shared, shared.gpu_allocator, prefix=prefix),
             "retirer": self.retirer,
             "gpu_holds": shared.gpu_holds,
+            "gpu_queue": QueueFile(shared.state_dir),  # the hub's queue, as it writes it
             "hub_auth": hub_auth,
             "cookie_secret": os.urandom(32),
             "xsrf_cookies": True,
@@ -135,6 +145,8 @@ class DS01Service(Application):
                     ServerActionHandler,
                 ),
                 (url_path_join(prefix, f"api/projects/{project}/progress"), ServerProgressHandler),
+                (url_path_join(prefix, "api/home(?:/(?P<owner>[^/]+))?"), HomeDataHandler),
+                (url_path_join(prefix, "home"), HomeSignInHandler),
                 (url_path_join(prefix, "(?:api/)?gpus"), GpuHandler),
                 (url_path_join(prefix, "(?:api/)?limits"), LimitsHandler),
                 (url_path_join(prefix, "metrics"), MetricsHandler),

@@ -19,8 +19,10 @@ from tornado.iostream import StreamClosedError
 from ..builds import Build
 from ..errors import Refusal
 from ..projects import Project
+from ..projectstatus import ProjectStatus
 from .base import BaseHandler
 from .image_manager import ACTION_FIELDS, ImageManager, disk_use
+from .overview import Overview
 
 KEEPALIVE_SECONDS = 25
 
@@ -74,8 +76,13 @@ class ProjectListHandler(ProjectBase):
         owners = self.manager.owners() if everyone else [self.current_user["name"]]
         projects = []
         for owner in owners:
-            for project in self.manager.store.list_owned(owner):
-                projects.append(await self.manager.describe(project))
+            owned = self.manager.store.list_owned(owner)
+            described = [await self.manager.describe(project) for project in owned]
+            statuses = await self.statuses(owner, owned, described)
+            for info in described:
+                status = statuses.get(info["project"])
+                info["status"] = status.as_dict() if status is not None else None
+                projects.append(info)
         queue = [
             {"image": b.spec.image, "status": "running" if not b.done.is_set() else "done"}
             for b in self.manager.builder.running()
@@ -90,6 +97,19 @@ class ProjectListHandler(ProjectBase):
             disk_use=total,
             message=self.get_argument("msg", ""),
         )
+
+    async def statuses(
+        self, owner: str, owned: list[Project], described: list[dict[str, Any]]
+    ) -> dict[str, ProjectStatus]:
+        """Each project's status, as the hub's home page shows it; none when the hub
+        cannot say (the page still lists the images and their containers)."""
+        overview: Overview = self.settings["overview"]
+        building = {d["project"]: (d["build"] or {}).get("status") == "running" for d in described}
+        try:
+            return await overview.statuses(owner, owned, building=building)
+        except Refusal as e:
+            self.log.warning("No project status for %s: %s", owner, e.message)
+            return {}
 
 
 class ProjectHandler(ProjectBase):
