@@ -526,16 +526,19 @@ class GpuQueue:
         """Each waiter's position and why, said again only when it changed."""
         now = time.time()
         uuids = {s.uuid: s for s in slots}
+        changed = False
         for w in self.waiting():
             entry = self._entries.get(w.key)
             if entry is None:
                 continue
-            entry.waiter = w
             held = len(
                 {h.uuid for h in ledger if h.uuid in uuids and uuids[h.uuid].is_mig == w.mig}
             )
             message = describe_wait(w, held, self._next_retirement, now)
+            entry.waiter = replace(w, message=message)  # the file says it too (the home page)
             if message != entry.said:
-                entry.said = message
+                entry.said, changed = message, True
                 with contextlib.suppress(Exception):
                     entry.on_update(w, message)
+        if changed:
+            self._save()

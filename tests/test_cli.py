@@ -328,6 +328,27 @@ def test_limits_show_each_value_with_its_source_and_each_servers_time_left():
     assert header.index("RUNTIME LEFT") == row.index("6d 22h"), "columns line up"
 
 
+def test_limits_say_a_keep_alive_and_the_exemptions_in_force_or_expired():
+    person = {
+        "user": "alice",
+        "exemptions": [
+            {"who": "user", "name": "alice", "lifts": ["idle_timeout"], "until": "2027-01-31",
+             "reason": "long runs", "in_force": True},
+            {"who": "group", "name": "phd", "lifts": ["max_runtime"], "until": "2026-01-01",
+             "reason": "", "in_force": False},
+        ],
+        "servers": [
+            {"project": "thesis", "keep_alive_until": "Thu 03 Dec 16:00",
+             "exemptions": ["exempt from idle_timeout until 2027-01-31 (long runs)"]},
+        ],
+    }  # fmt: skip
+    text = display.limits({"users": [person]})
+    assert "thesis: kept alive by /workspace/.keep-alive until Thu 03 Dec 16:00" in text
+    assert "thesis: exempt from idle_timeout until 2027-01-31 (long runs)" in text
+    assert "Exemption for user alice: idle_timeout lifted until 2027-01-31 (long runs)\n" in text
+    assert "Exemption for group phd: max_runtime lifted until 2026-01-01 [expired]" in text
+
+
 @pytest.mark.parametrize(
     "event, line",
     [

@@ -276,8 +276,9 @@ async def test_two_gpus_four_users_two_run_two_wait_then_the_first_waiter_moves_
     assert [(w.user, w.position) for w in queue.waiting()] == [("c", 1), ("d", 2)]
     assert said_c[-1].startswith("Waiting for a GPU, 1st in line")
     assert said_d[-1].startswith("Waiting for a GPU, 2nd in line: 1 ahead of you; 2 GPUs held")
-    on_file = {w.user: w.position for w in QueueFile(str(queue.file.path.parent)).read().waiting()}
-    assert on_file == {"c": 1, "d": 2}
+    on_file = {w.user: w for w in QueueFile(str(queue.file.path.parent)).read().waiting()}
+    assert {u: w.position for u, w in on_file.items()} == {"c": 1, "d": 2}
+    assert on_file["d"].message == said_d[-1], "the file says what the spawn page says"
 
     stop(engine, "a")
     queue.wake()

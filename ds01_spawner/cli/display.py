@@ -167,6 +167,24 @@ def limits(data: Mapping[str, Any]) -> str:
                 for s in servers
             ]
             lines.append(table(rows, ("PROJECT", "RUNNING FOR", "RUNTIME LEFT", "IDLE LEFT", "")))
+            for s in servers:
+                project = s.get("project") or "?"
+                if s.get("keep_alive_until"):
+                    lines.append(
+                        f"  {project}: kept alive by /workspace/.keep-alive until "
+                        f"{s['keep_alive_until']} (idle retirement only)"
+                    )
+                for exemption in s.get("exemptions") or []:
+                    lines.append(f"  {project}: {exemption}")
+        for e in person.get("exemptions") or []:
+            if isinstance(e, Mapping) and e.get("lifts"):
+                why = f" ({e['reason']})" if e.get("reason") else ""
+                state = "" if e.get("in_force") else " [expired]"
+                lifts = " and ".join(map(str, e["lifts"]))
+                lines.append(
+                    f"Exemption for {e.get('who')} {e.get('name')}: {lifts} lifted until "
+                    f"{e.get('until')}{why}{state}"
+                )
     recent = data.get("retirements") or []
     if recent:
         lines.append("Recently retired:")
