@@ -22,8 +22,8 @@ import pytest
 import requests
 
 from ds01_spawner.identity import user_slug
+from tests.browser.hubs import browser_hub
 from tests.conftest import BASE_IMAGE
-from tests.integration.hubprocess import HubProcess, remove_user_objects
 
 from .test_researcher_flow import browser  # noqa: F401  (the Chromium fixture)
 
@@ -192,17 +192,12 @@ def test_a_new_alert_shows_at_the_next_poll_as_plain_text(lab, browser):  # noqa
 @pytest.mark.browser
 def test_the_banner_under_the_hub(browser, tmp_path):  # noqa: F811
     """jupyterhub-singleuser in a project container, the researcher logged in to the hub."""
-    data = tmp_path / "data"
-    data.mkdir()
-    hub = HubProcess(data, tmp_path / "hub.log")
-    hub.start()
-    engine = docker.from_env()
-    try:
+    with browser_hub(tmp_path, ["alice"]) as (hub, _engine):
         hub.api("POST", "users/alice")
         r = hub.api("POST", "users/alice/servers/thesis", data=json.dumps({"user_options": {}}))
         assert r.status_code in (201, 202), r.text
         hub.wait_ready("alice", "thesis")
-        alerts = data / "workspaces" / user_slug("alice") / "thesis" / ".ds01-alerts"
+        alerts = hub.data_dir / "workspaces" / user_slug("alice") / "thesis" / ".ds01-alerts"
         alerts.write_text(f"{now()} warning {WARNING}\n")
 
         page = browser.new_context(viewport={"width": 1200, "height": 800}).new_page()
@@ -215,7 +210,3 @@ def test_the_banner_under_the_hub(browser, tmp_path):  # noqa: F811
         page.wait_for_selector(".jp-LabShell", timeout=120_000)
         page.locator("#ds01-alerts-banner").wait_for(state="visible", timeout=30_000)
         assert banner_rows(page) == [WARNING]
-    finally:
-        hub.stop()
-        remove_user_objects(engine, "alice")
-        engine.close()

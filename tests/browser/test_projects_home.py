@@ -8,14 +8,11 @@ Set DS01_SCREENSHOTS=docs/screenshots to refresh docs/screenshots/home.png.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
-import docker
 import pytest
 
 from ds01_spawner import labels
-from tests.integration.hubprocess import HubProcess, remove_user_objects
+from tests.browser.hubs import browser_hub, screenshots
 
 from .test_researcher_flow import browser  # noqa: F401  (the Chromium fixture)
 from .test_usage_page import log_in, wait_stopped
@@ -32,14 +29,8 @@ READ_WITHOUT_TOKEN = """async () => {
 
 
 def test_the_home_lists_starts_and_links_projects(browser, tmp_path):  # noqa: F811
-    shots = Path(os.environ.get("DS01_SCREENSHOTS") or tmp_path)
-    shots.mkdir(parents=True, exist_ok=True)
-    data = tmp_path / "data"
-    data.mkdir()
-    hub = HubProcess(data, tmp_path / "hub.log", DS01_SIMULATED_GPUS="2")
-    hub.start()
-    engine = docker.from_env()
-    try:
+    shots = screenshots(tmp_path)
+    with browser_hub(tmp_path, ["alice"], DS01_SIMULATED_GPUS="2") as (hub, engine):
         hub.api("POST", "users/alice")
         for name in ("draft", "thesis"):
             body = json.dumps({"user_options": {}})
@@ -78,23 +69,14 @@ def test_the_home_lists_starts_and_links_projects(browser, tmp_path):  # noqa: F
         draft.locator(".ds01-image-page").click()
         page.wait_for_url("**/services/ds01/images/alice/draft")
         page.wait_for_selector("#packages")
-    finally:
-        hub.stop()
-        remove_user_objects(engine, "alice")
-        engine.close()
 
 
 def test_a_new_project_waits_for_a_gpu_on_the_home_and_runs_when_it_frees(browser, tmp_path):  # noqa: F811
-    data = tmp_path / "data"
-    data.mkdir()
     policy = tmp_path / "policy.yaml"  # no GPU kept for a stopped project: it goes to the queue
     policy.write_text("defaults:\n  max_gpus: 1\n  max_gpus_per_project: 1\n")
-    hub = HubProcess(
-        data, tmp_path / "hub.log", DS01_SIMULATED_GPUS="1", DS01_POLICY_FILE=str(policy)
-    )
-    hub.start()
-    engine = docker.from_env()
-    try:
+    with browser_hub(
+        tmp_path, ["alice", "bob"], DS01_SIMULATED_GPUS="1", DS01_POLICY_FILE=str(policy)
+    ) as (hub, _engine):
         hub.api("POST", "users/bob")
         body = json.dumps({"user_options": {"gpus": 1}})
         assert hub.api("POST", "users/bob/servers/hog", data=body).status_code in (201, 202)
@@ -117,8 +99,3 @@ def test_a_new_project_waits_for_a_gpu_on_the_home_and_runs_when_it_frees(browse
         assert hub.api("DELETE", "users/bob/servers/hog").status_code in (202, 204)
         page.locator(ROW.format("train") + '[data-state="running"]').wait_for(timeout=120_000)
         assert train.locator(".ds01-gpus-held").text_content() == "1"
-    finally:
-        hub.stop()
-        for user in ("alice", "bob"):
-            remove_user_objects(engine, user)
-        engine.close()

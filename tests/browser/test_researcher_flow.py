@@ -9,13 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from pathlib import Path
 
-import docker
 import pytest
 
 from ds01_spawner import labels
-from tests.integration.hubprocess import HubProcess, remove_user_objects
+from tests.browser.hubs import browser_hub, screenshots
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -47,14 +45,8 @@ def browser():
 
 
 def test_researcher_creates_project_and_reaches_jupyterlab(browser, tmp_path):
-    shots = Path(os.environ.get("DS01_SCREENSHOTS") or tmp_path)
-    shots.mkdir(parents=True, exist_ok=True)
-    data = tmp_path / "data"
-    data.mkdir()
-    hub = HubProcess(data, tmp_path / "hub.log")
-    hub.start()
-    engine = docker.from_env()
-    try:
+    shots = screenshots(tmp_path)
+    with browser_hub(tmp_path, ["researcher"]) as (hub, engine):
         context = browser.new_context(viewport={"width": 1200, "height": 800})
         page = context.new_page()
         page.goto(f"{hub.url}/hub/login")
@@ -94,7 +86,3 @@ def test_researcher_creates_project_and_reaches_jupyterlab(browser, tmp_path):
 
         (c,) = engine.containers.list(filters={"label": [f"{labels.USER}=researcher"]})
         assert c.labels[labels.PROJECT] == "my-thesis"
-    finally:
-        hub.stop()
-        remove_user_objects(engine, "researcher")
-        engine.close()

@@ -9,15 +9,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from pathlib import Path
 
-import docker
 import pytest
 
 from ds01_spawner.usage import CSV_HEADER
-from tests.integration.hubprocess import HubProcess, remove_user_objects
+from tests.browser.hubs import browser_hub, screenshots
+from tests.integration.hubprocess import HubProcess
 
 from .test_researcher_flow import browser  # noqa: F401  (the Chromium fixture)
 
@@ -42,14 +41,8 @@ def wait_stopped(hub: HubProcess, user: str, server: str, timeout: float = 60) -
 
 
 def test_gpu_hours_on_the_usage_page_for_a_researcher_and_the_admin(browser, tmp_path):  # noqa: F811
-    shots = Path(os.environ.get("DS01_SCREENSHOTS") or tmp_path)
-    shots.mkdir(parents=True, exist_ok=True)
-    data = tmp_path / "data"
-    data.mkdir()
-    hub = HubProcess(data, tmp_path / "hub.log", DS01_SIMULATED_GPUS="2")
-    hub.start()
-    engine = docker.from_env()
-    try:
+    shots = screenshots(tmp_path)
+    with browser_hub(tmp_path, ["alice"], DS01_SIMULATED_GPUS="2") as (hub, _engine):
         hub.api("POST", "users/alice")
         r = hub.api(
             "POST", "users/alice/servers/train", data=json.dumps({"user_options": {"gpus": 1}})
@@ -84,7 +77,3 @@ def test_gpu_hours_on_the_usage_page_for_a_researcher_and_the_admin(browser, tmp
         assert [(line[1], line[3]) for line in lines[1:]] == [("alice", "train")]
         assert float(lines[1][4]) > 0
         assert download.value.suggested_filename.startswith("ds01-usage-all-")
-    finally:
-        hub.stop()
-        remove_user_objects(engine, "alice")
-        engine.close()
