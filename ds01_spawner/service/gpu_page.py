@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
+import docker.errors
+import requests.exceptions
 from tornado import web
 
+from ..engine import docker_client
 from ..gpuqueue import QueueFile, ordinal
 from ..gpus import GpuAllocator
-from ..ledger import GpuHolds, gpu_report
+from ..ledger import GpuHolds, LedgerSeal, gpu_report
 from ..nvml import GpuUnavailable
+from ..swarmledger import gpu_table, holders, node_gpus
 from .base import BaseHandler
 
 
@@ -51,6 +56,33 @@ def queue_rows(queue: QueueFile) -> list[dict[str, Any]]:
     return rows
 
 
+def swarm_rows(client: Any, seal: LedgerSeal) -> list[dict[str, str]] | None:
+    """Every swarm node's GPUs and who holds each (node, GPU, user, project), when the
+    engine is a swarm manager (`ds01-swarm`); None on a single engine. Blocking."""
+    try:
+        swarm = client.info().get("Swarm") or {}
+        if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
+            return None
+        services = client.services(filters={"label": "ds01.managed=true"})
+        tasks = client.tasks(filters={"desired-state": "running"})
+        return gpu_table(node_gpus(client.nodes()), holders(services, tasks, seal=seal))
+    except (docker.errors.DockerException, requests.exceptions.RequestException):
+        return None
+
+
+async def swarm_view(state_dir: str) -> list[dict[str, str]] | None:
+    """`swarm_rows` from the engine the service talks to (the hub's: a manager)."""
+
+    def read() -> list[dict[str, str]] | None:
+        client = docker_client(10)
+        try:
+            return swarm_rows(client, LedgerSeal(state_dir))
+        finally:
+            client.close()
+
+    return await asyncio.to_thread(read)
+
+
 class GpuHandler(BaseHandler):
     @web.authenticated
     async def get(self) -> None:
@@ -58,4 +90,5 @@ class GpuHandler(BaseHandler):
         view = await gpu_view(
             self.settings["allocator"], self.settings["gpu_holds"], self.settings["gpu_queue"]
         )
+        view["swarm"] = await swarm_view(self.ds01.shared_settings.state_dir)
         self.respond(view, "gpus.html", refresh=self.ds01.refresh_seconds, **view)

@@ -18,6 +18,7 @@ left on any node, so the next test finds every GPU free.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -119,6 +120,15 @@ class Swarm:
         container = client.containers.get(task["Status"]["ContainerStatus"]["ContainerID"])
         return dict(e.split("=", 1) for e in container.attrs["Config"]["Env"])
 
+    def answering(self) -> list[docker.DockerClient]:
+        """The nodes' clients whose engine answers (a test may have killed one)."""
+        alive = []
+        for client in self.nodes.values():
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                client.ping()
+                alive.append(client)
+        return alive
+
     def remove_all_services(self, timeout: float = 60) -> None:
         for service in self.manager.services.list():
             service.remove()
@@ -126,7 +136,8 @@ class Swarm:
         def settled() -> bool:
             if self.manager.services.list():
                 return False
-            return all(not c.containers.list(all=True) for c in self.nodes.values())
+            # sparse: no inspect of each one, which races its removal (NotFound)
+            return all(not c.containers.list(all=True, sparse=True) for c in self.answering())
 
         eventually(settled, "every service and task container gone", timeout)
 
@@ -186,3 +197,59 @@ def services(swarm):
 
 def gpu_resources(count: int = 1) -> docker.types.Resources:
     return docker.types.Resources(generic_resources={GPU: count})
+
+
+# ------------------------------------------------------------ a hub on the swarm
+
+HUB_IP = "198.18.0.1"  # the bridge: the nodes' tasks reach the hub's API here
+
+
+@pytest.fixture
+async def swarm_hub(swarm, hub_app, tmp_path, monkeypatch):
+    """Start a real MockHub (real proxy) with the `ds01-swarm` spawner on the test swarm:
+    `driver = await swarm_hub(**spawner_config)`. The hub's engine is the manager
+    (DOCKER_HOST), its images go to the test registry. At the end every server is
+    stopped and every service removed, and no task container is left on any node."""
+    from ds01_spawner.swarmspawner import DS01SwarmSpawner
+    from tests.integration.conftest import HubDriver, hub_config
+
+    monkeypatch.setenv("DOCKER_HOST", swarm.state["sockets"]["n1"])
+    DS01SwarmSpawner._client = None  # DockerSpawner's client is per class: the manager's
+    dirs = {"workspace_root": str(tmp_path / "workspaces"), "state_dir": str(tmp_path / "state")}
+    drivers = []
+
+    async def start(_jupyterhub: dict | None = None, **spawner):
+        spawner.setdefault("base_image", swarm.base_image)
+        spawner.setdefault("registry", swarm.registry)
+        config = hub_config(dirs, **spawner)
+        config["JupyterHub"].update(
+            {"spawner_class": DS01SwarmSpawner, "hub_ip": HUB_IP, "hub_connect_ip": HUB_IP}
+        )
+        config["JupyterHub"].update(_jupyterhub or {})
+        config["DS01SwarmSpawner"] = config.pop("DS01Spawner")
+        app = await hub_app(config)
+        driver = HubDriver(app, swarm.manager)
+        drivers.append(driver)
+        return driver
+
+    try:
+        yield start
+    finally:
+        for driver in drivers:
+            for user in driver.users:
+                orm_user = driver.app.users[user]
+                for name, spawner in list(orm_user.spawners.items()):
+                    if spawner.active:
+                        with contextlib.suppress(Exception):
+                            await orm_user.stop(name)
+        DS01SwarmSpawner._client = None
+        swarm.remove_all_services()
+
+
+def service_of(swarm: Swarm, user: str, project: str):
+    """The one ds01 service of `user`'s `project` on the swarm."""
+    found = swarm.manager.services.list(
+        filters={"label": [f"ds01.user={user}", f"ds01.project={project}"]}
+    )
+    assert len(found) == 1, found
+    return found[0]
