@@ -381,8 +381,10 @@ class GpuQueue:
         )
         async with self.allocator.lock():
             slots = await self.allocator.slots()
-            self._serve_locked(slots, await self.allocator.ledger(), holds(), since)
-            ledger = await self.allocator.ledger()  # with what was just given to waiters
+            containers = await self.allocator.list_containers()  # once: one engine call
+            ledger = await self.allocator.ledger(containers)
+            if self._serve_locked(slots, ledger, holds(), since):
+                ledger = await self.allocator.ledger(containers)  # and what waiters just got
             entries = [e.waiter for e in self._entries.values()]
             decision = serve(
                 [*entries, waiter], slots, ledger, self._policies({key: policy}), holds(), since
@@ -465,10 +467,11 @@ class GpuQueue:
 
     def _serve_locked(
         self, slots: list[GpuSlot], ledger: list[Holder], holds: list[Hold], since: str
-    ) -> None:
-        """Give the GPUs that are free to waiters, in order (the allocator's lock is held)."""
+    ) -> bool:
+        """Give the GPUs that are free to waiters, in order (the allocator's lock is held);
+        True if any waiter was given GPUs."""
         if not self._entries:
-            return
+            return False
         live = {k: e for k, e in self._entries.items() if not e.future.done()}
         decision = serve(
             [e.waiter for e in live.values()], slots, ledger, self._policies({}), holds, since
@@ -484,6 +487,7 @@ class GpuQueue:
             del self._entries[w.key]
         if decision.granted or decision.refused:
             self._save()
+        return bool(decision.granted)
 
     # ------------------------------------------------------------ the loop
 
@@ -515,11 +519,12 @@ class GpuQueue:
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         async with self.allocator.lock():
             slots = await self.allocator.slots()
-            ledger = await self.allocator.ledger()
-            self._serve_locked(slots, ledger, self._holds(), since)
+            containers = await self.allocator.list_containers()  # once: one engine call
+            self._serve_locked(slots, await self.allocator.ledger(containers), self._holds(), since)
+            ledger = await self.allocator.ledger(containers)  # with what waiters just got
         self._save()
         if self._entries:
-            self._next_retirement = next_max_runtime(await self.allocator.list_containers())
+            self._next_retirement = next_max_runtime(containers)
             self._tell(slots, ledger)
 
     def _tell(self, slots: list[GpuSlot], ledger: list[Holder]) -> None:

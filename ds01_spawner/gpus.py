@@ -195,14 +195,18 @@ class GpuAllocator:
             self._lock, self._loop = asyncio.Lock(), loop
         return self._lock
 
-    async def ledger(self) -> list[Holder]:
+    async def ledger(self, containers: list[dict] | None = None) -> list[Holder]:
+        """Who holds what: the engine's `containers` (listed now if not given) and the
+        GPUs handed out whose containers do not exist yet."""
+        if containers is None:
+            containers = await self.list_containers()
         pending = [h for entries in self._pending.values() for h in entries]
         claimed = set(self._pending)
         # a sealed container naming a GPU that left the inventory still holds it
         # (the admin page lists it as such); unsealed labels never count
         engine = [
             h
-            for h in holders_from_containers(await self.list_containers(), seal=self.seal)
+            for h in holders_from_containers(containers, seal=self.seal)
             if (h.user, h.server) not in claimed
         ]
         return engine + pending

@@ -207,7 +207,7 @@ class Inventory:
 def allocator(n: int, engine: Engine) -> GpuAllocator:
     alloc = GpuAllocator(Inventory(n), engine.list_containers)
 
-    async def ledger() -> list[Holder]:  # the engine's holders, plus pending claims
+    async def ledger(containers=None) -> list[Holder]:  # the engine's holders, plus claims
         pending = [h for hs in alloc._pending.values() for h in hs]
         return engine.holders + pending
 

@@ -190,6 +190,15 @@ class HubDriver:
         cfg = self.app.config.DS01Spawner
         return seed_workspace(cfg.state_dir, cfg.workspace_root, user, project, dockerfile)
 
+    async def stop_servers(self) -> None:
+        """Stop every server of this driver's users that still runs or starts."""
+        for user in self.users:
+            orm_user = self.app.users[user]
+            for name, spawner in list(orm_user.spawners.items()):
+                if spawner.active:
+                    with contextlib.suppress(Exception):
+                        await orm_user.stop(name)
+
     def cleanup(self) -> None:
         for user in self.users:
             remove_user_objects(self.engine, user)
@@ -227,12 +236,7 @@ async def hub(hub_app, dirs, engine):
 
     yield start
     for driver in drivers:
-        for user in driver.users:
-            orm_user = driver.app.users[user]
-            for name, spawner in list(orm_user.spawners.items()):
-                if spawner.active:
-                    with contextlib.suppress(Exception):
-                        await orm_user.stop(name)
+        await driver.stop_servers()
         driver.cleanup()
 
 

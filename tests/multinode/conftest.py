@@ -236,12 +236,7 @@ async def swarm_hub(swarm, hub_app, tmp_path, monkeypatch):
         yield start
     finally:
         for driver in drivers:
-            for user in driver.users:
-                orm_user = driver.app.users[user]
-                for name, spawner in list(orm_user.spawners.items()):
-                    if spawner.active:
-                        with contextlib.suppress(Exception):
-                            await orm_user.stop(name)
+            await driver.stop_servers()
         DS01SwarmSpawner._client = None
         swarm.remove_all_services()
 
