@@ -133,19 +133,25 @@ def holders_from_containers(
             total = float(len(uuids))
         if not math.isfinite(total) or total <= 0 or total > len(uuids):
             total = float(len(uuids))  # never cheaper than what the labels name
-        for uuid in uuids:
-            found.append(
-                Holder(
-                    uuid=uuid,
-                    user=lab.get(labels.USER, "?"),
-                    project=lab.get(labels.PROJECT, "?"),
-                    server=lab.get(labels.SERVER_NAME, ""),
-                    since=lab.get(labels.GPU_ALLOCATED_AT, ""),
-                    fraction=total / len(uuids),
-                    container=names[0].lstrip("/"),
-                )
-            )
+        since = lab.get(labels.GPU_ALLOCATED_AT, "")
+        container = names[0].lstrip("/")
+        found += [labelled_holder(u, lab, since, container, total / len(uuids)) for u in uuids]
     return found
+
+
+def labelled_holder(
+    uuid: str, lab: dict[str, str], since: str, container: str, fraction: float = 1.0
+) -> Holder:
+    """A ledger entry for `uuid`, its holder named by a container's or service's labels."""
+    return Holder(
+        uuid=uuid,
+        user=lab.get(labels.USER, "?"),
+        project=lab.get(labels.PROJECT, "?"),
+        server=lab.get(labels.SERVER_NAME, ""),
+        since=since,
+        fraction=fraction,
+        container=container,
+    )
 
 
 class GpuHolds:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import labels
-from .ledger import Holder, LedgerSeal
+from .ledger import Holder, LedgerSeal, labelled_holder
 from .nvml import GpuSlot
 from .swarmservice import GPU_KIND, LIVE_TASK_STATES, assigned_gpus, node_name
 
@@ -104,17 +104,8 @@ def holders(
         if (task.get("Status") or {}).get("State") not in LIVE_TASK_STATES:
             continue
         name, lab = ours[task["ServiceID"]]
-        for uuid in assigned_gpus(task, kind):
-            found.append(
-                Holder(
-                    uuid=uuid,
-                    user=lab.get(labels.USER, "?"),
-                    project=lab.get(labels.PROJECT, "?"),
-                    server=lab.get(labels.SERVER_NAME, ""),
-                    since=task.get("CreatedAt", "")[:19] + "Z" if task.get("CreatedAt") else "",
-                    container=name,
-                )
-            )
+        since = task.get("CreatedAt", "")[:19] + "Z" if task.get("CreatedAt") else ""
+        found += [labelled_holder(u, lab, since, name) for u in assigned_gpus(task, kind)]
     return found
 
 
