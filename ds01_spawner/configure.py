@@ -6,6 +6,7 @@ import copy
 import html
 import ipaddress
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -21,13 +22,15 @@ from .limits import load_policy
 from .policyfile import PolicyError
 from .projects import discover_types
 from .retirement import Notices
-from .settings import SETTINGS_ENV, SHARED_SETTINGS, DS01Settings
+from .settings import SETTINGS_ENV, SHARED_SETTINGS, SWARM_GPU_KIND, DS01Settings
+from .swarmservice import GPU_KIND
 
 ADMIN_SCOPE = "custom:ds01:admin"
 # what the ds01 service's own token may do: restart servers on a rebuilt image,
 # and retire them by policy (read who runs what since when, and in which groups)
 SERVICE_SCOPES = ["servers", "list:users", "read:users:activity", "read:users:groups"]
 SERVICE_ACCESS = "access:services!service=ds01"
+DOCKER_ENV = ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH")  # where the engine is
 # who may scrape /services/ds01/metrics: give a Prometheus service's token this role
 METRICS_ROLE = {
     "name": "ds01-metrics",
@@ -130,7 +133,12 @@ def configure(
             "command": [sys.executable, "-m", "ds01_spawner.service"],
             # a callable: the hub calls it when it starts the service, after the
             # whole config (and the command line) was read
-            "environment": {SETTINGS_ENV: lambda _spawner: json.dumps(shared_settings(c))},
+            "environment": {
+                SETTINGS_ENV: lambda _spawner: json.dumps(shared_settings(c)),
+                # the hub's engine (a swarm manager may be remote): the hub's services
+                # get only the environment they are given
+                **{k: os.environ[k] for k in DOCKER_ENV if k in os.environ},
+            },
             "oauth_no_confirm": True,
             # what a user's token for the service may carry: access, and the admin scope
             "oauth_client_allowed_scopes": [ADMIN_SCOPE],
@@ -267,7 +275,19 @@ def shared_settings(c: Any) -> dict[str, Any]:
     if hub is not None and hub.JupyterHub.initialized():
         c = hub.JupyterHub.instance().config
     given = {**(c.get("DS01Settings") or {}), **(c.get("DS01Spawner") or {})}
-    return {name: given[name] for name in SHARED_SETTINGS if name in given}
+    found = {name: given[name] for name in SHARED_SETTINGS if name in given}
+    if is_swarm_spawner(_get(c.JupyterHub, "spawner_class", "")):
+        swarm = {**given, **(c.get("DS01SwarmSpawner") or {})}
+        found.update({name: swarm[name] for name in SHARED_SETTINGS if name in swarm})
+        found[SWARM_GPU_KIND] = swarm.get("swarm_gpu_kind") or GPU_KIND
+    return found
+
+
+def is_swarm_spawner(spawner_class: Any) -> bool:
+    """The hub runs `ds01-swarm` (by entry point, dotted name or class)."""
+    if isinstance(spawner_class, str):
+        return spawner_class == "ds01-swarm" or spawner_class.endswith(".DS01SwarmSpawner")
+    return any(k.__name__ == "DS01SwarmSpawner" for k in getattr(spawner_class, "__mro__", ()))
 
 
 def spawner_setting(c: Any, name: str) -> Any:

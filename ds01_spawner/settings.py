@@ -28,14 +28,16 @@ from .engine import docker_client
 from .gpuqueue import GpuQueue
 from .gpus import GpuAllocator, GpuPolicy, gpu_allocator
 from .images import BUILD_NETWORK, BuildSettings
-from .ledger import GpuHolds
+from .ledger import GpuHolds, LedgerSeal
 from .limits import Limits, PolicyStore
 from .projects import ProjectStore, ProjectType, discover_types
+from .swarmledger import SwarmGpus
 from .units import parse_size
 from .workspaces import workspace_path
 
 _REPO_TYPES = Path(__file__).resolve().parent.parent / "images" / "types"
 SETTINGS_ENV = "DS01_SERVICE_SETTINGS"  # how configure(c) hands the hub's values to the service
+SWARM_GPU_KIND = "swarm_gpu_kind"  # in it: the swarm spawner's GPU kind, on a swarm only
 
 T = TypeVar("T")
 _shared: dict[tuple[Any, ...], Any] = {}
@@ -305,6 +307,9 @@ class DS01Settings(LoggingConfigurable):
     # ------------------------------------------------------------ what they make
 
     audit_process = "hub"  # the audit file's name part; "service" from from_environ
+    # the generic resource kind of the swarm's GPUs: "" on one engine; DS01SwarmSpawner's
+    # setting, handed to the service with the others (configure.shared_settings)
+    swarm_gpu_kind = ""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> DS01Settings:
@@ -316,6 +321,7 @@ class DS01Settings(LoggingConfigurable):
         values = {name: given[name] for name in SHARED_SETTINGS if name in given}
         settings = cls(config=Config({"DS01Settings": values}))
         settings.audit_process = "service"
+        settings.swarm_gpu_kind = str(given.get(SWARM_GPU_KIND, "") or "")
         return settings
 
     @property
@@ -367,8 +373,16 @@ class DS01Settings(LoggingConfigurable):
         return self.policy_store.current().resolve(user, list(groups))
 
     @property
-    def gpu_allocator(self) -> GpuAllocator:
-        """This process's GPU allocator: one lock and one pending list for every spawn."""
+    def gpu_allocator(self) -> GpuAllocator | SwarmGpus:
+        """This process's GPU allocator: one lock and one pending list for every spawn.
+
+        On a swarm (`swarm_gpu_kind` set: `ds01-swarm`) the swarm's GPUs and ledger
+        instead, read from a manager: the swarm assigns, nothing is handed out here.
+        """
+        if self.swarm_gpu_kind:
+            key = ("swarm-gpus", self.swarm_gpu_kind, self.state_dir)
+            seal = LedgerSeal(self.state_dir)
+            return shared(key, lambda: SwarmGpus(seal, self.swarm_gpu_kind))
         key = ("gpus", self.simulated_gpus, self.state_dir)
         return shared(key, lambda: gpu_allocator(self.simulated_gpus, self.state_dir))
 

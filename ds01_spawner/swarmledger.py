@@ -7,16 +7,20 @@ node). The inventory is the ready, active nodes' declared generic resources
 and the labels `ds01-gpu-declare` gave them (swarmgpus.py). Nothing is kept
 by the hub: a restarted hub reads the same answer, and a service that is
 gone, or a task whose node died, holds nothing. Pure functions over what the
-swarm API returns, so the policy (`gpus.choose`) runs on it unchanged.
+swarm API returns, so the policy (`gpus.choose`) runs on it unchanged;
+`SwarmGpus` reads them from a manager for the hub and the service alike, in
+place of the single engine's `GpuAllocator` (settings.DS01Settings.gpu_allocator).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from . import labels
+from .engine import docker_client
 from .ledger import Holder, LedgerSeal, labelled_holder
 from .nvml import GpuSlot
 from .swarmservice import GPU_KIND, LIVE_TASK_STATES, assigned_gpus, node_name
@@ -128,3 +132,51 @@ def gpu_table(gpus: Iterable[NodeGpu], ledger: Iterable[Holder]) -> list[dict[st
             }
         )
     return rows
+
+
+class SwarmGpus:
+    """The GPU view on a swarm: every node's declared GPUs and the swarm ledger, read
+    from a manager (the engine DOCKER_HOST names) on each call.
+
+    What the admission, the limits, GPU and home pages, the retirement check and
+    the metrics read (`slots`, `ledger`, `state`), as `gpus.GpuAllocator` gives
+    them on one engine; nothing is claimed here: the swarm assigns a GPU to a
+    task atomically. A swarm that cannot be read is an error, as NVML's is.
+    """
+
+    def __init__(
+        self,
+        seal: LedgerSeal | None,
+        kind: str = GPU_KIND,
+        client: Callable[[], Any] = lambda: docker_client(30),
+    ) -> None:
+        self.seal, self.kind, self._client = seal, kind, client
+
+    def read(self) -> tuple[list[NodeGpu], list[Holder]]:
+        """Every node's GPUs (usable or not) and who holds which. Blocking."""
+        client = self._client()
+        try:
+            nodes = client.nodes()
+            services = client.services(filters={"label": f"{labels.MANAGED}=true"})
+            tasks = client.tasks(filters={"desired-state": "running"})
+        finally:
+            client.close()
+        gpus = node_gpus(nodes, self.kind)
+        return gpus, holders(services, tasks, seal=self.seal, kind=self.kind)
+
+    async def nodes(self) -> tuple[list[NodeGpu], list[Holder]]:
+        return await asyncio.to_thread(self.read)
+
+    async def slots(self) -> list[GpuSlot]:
+        return gpu_slots((await self.nodes())[0])
+
+    async def ledger(self, containers: list[dict] | None = None) -> list[Holder]:
+        return (await self.nodes())[1]
+
+    async def state(self) -> tuple[list[GpuSlot] | None, list[Holder]]:
+        """The usable GPUs (None when no node declares one) and the ledger, in one read."""
+        gpus, ledger = await self.nodes()
+        return gpu_slots(gpus) or None, ledger
+
+    def settle(self, user: str, server: str) -> None:
+        """Nothing handed out here is waiting to be labelled."""

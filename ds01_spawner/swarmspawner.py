@@ -29,8 +29,7 @@ import docker.errors
 from dockerspawner import SwarmSpawner
 from traitlets import Float, Unicode
 
-from . import labels, swarmledger
-from .admission import GpuFacts
+from . import labels
 from .engine import docker_client
 from .errors import Refusal
 from .gpus import GpuRequest
@@ -171,20 +170,8 @@ class DS01SwarmSpawner(DS01Spawner, SwarmSpawner):
         self.node = ""
 
     # ------------------------------------------------------------ GPUs
-
-    async def swarm_gpus(self) -> tuple[list[swarmledger.NodeGpu], list]:
-        """Every node's declared GPUs, and the swarm ledger (who holds which)."""
-        nodes = await self.docker("nodes")
-        services = await self.docker("services", filters={"label": f"{labels.MANAGED}=true"})
-        tasks = await self.docker("tasks", filters={"desired-state": "running"})
-        gpus = swarmledger.node_gpus(nodes, self.swarm_gpu_kind)
-        seal = LedgerSeal(self.state_dir)
-        return gpus, swarmledger.holders(services, tasks, seal=seal, kind=self.swarm_gpu_kind)
-
-    async def _gpu_facts(self, limits: Limits) -> GpuFacts:
-        gpus, ledger = await self.swarm_gpus()
-        slots = swarmledger.gpu_slots(gpus)
-        return GpuFacts(slots or None, ledger, self.gpu_policy(limits), self.gpu_holds.active())
+    # admission reads `gpu_allocator`: on a swarm, swarmledger.SwarmGpus (every node's
+    # GPUs and the swarm ledger), as the service's pages and retirement check do
 
     async def _assign_gpus(
         self, request: GpuRequest, limits: Limits, *, wait: bool = False

@@ -258,3 +258,46 @@ def test_a_service_ip_given_to_configure_wins_over_the_hubs_address():
     c.JupyterHub.hub_ip = c.JupyterHub.hub_connect_ip = "10.1.2.3"
     configure(c, service_ip="10.5.5.5")
     assert c.DS01Spawner.service_url.startswith("http://10.5.5.5:10101{base_url}")
+
+
+@pytest.mark.parametrize(
+    "spawner_class", ["ds01-swarm", "ds01_spawner.swarmspawner.DS01SwarmSpawner", "class"]
+)
+def test_on_a_swarm_the_service_reads_the_swarms_gpus_with_the_spawners_settings(
+    spawner_class, tmp_path
+):
+    from ds01_spawner.swarmledger import SwarmGpus
+    from ds01_spawner.swarmspawner import DS01SwarmSpawner
+
+    c = Config()
+    c.JupyterHub.spawner_class = DS01SwarmSpawner if spawner_class == "class" else spawner_class
+    configure(c)
+    c.DS01Spawner.state_dir = str(tmp_path)
+    c.DS01SwarmSpawner.max_dockerfile_bytes = 3072
+    c.DS01SwarmSpawner.swarm_gpu_kind = "LAB-GPU"
+    settings = spawner_settings(service_environment(c))
+    assert (settings.swarm_gpu_kind, settings.max_dockerfile_bytes) == ("LAB-GPU", 3072)
+    assert settings.state_dir == str(tmp_path)
+    allocator = settings.gpu_allocator
+    assert isinstance(allocator, SwarmGpus) and allocator.kind == "LAB-GPU"
+    hub = DS01SwarmSpawner(config=c)
+    assert isinstance(hub.gpu_allocator, SwarmGpus) and hub.gpu_allocator is allocator
+
+
+def test_on_one_engine_the_service_is_told_of_no_swarm(tmp_path):
+    c = Config()
+    configure(c)
+    c.DS01Spawner.state_dir = str(tmp_path)
+    environ = service_environment(c)
+    assert "swarm_gpu_kind" not in json.loads(environ[SETTINGS_ENV])
+    assert spawner_settings(environ).swarm_gpu_kind == ""  # the engine's allocator, NVML
+
+
+def test_the_service_talks_to_the_hubs_engine(monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", "unix:///run/ds01-swarm/n1/docker.sock")
+    monkeypatch.delenv("DOCKER_CERT_PATH", raising=False)
+    c = Config()
+    configure(c)
+    env = service_environment(c)
+    assert env["DOCKER_HOST"] == "unix:///run/ds01-swarm/n1/docker.sock"
+    assert "DOCKER_CERT_PATH" not in env

@@ -20,7 +20,7 @@ from ds01_spawner import labels
 from ds01_spawner.activity import Counters
 from ds01_spawner.alerts import ALERTS, KEEP_ALIVE
 from ds01_spawner.audit import AuditLog, read_events
-from ds01_spawner.limits import PolicyStore
+from ds01_spawner.limits import PolicyStore, RetirementSettings
 from ds01_spawner.retirement import (
     Notices,
     RetirementLog,
@@ -289,3 +289,45 @@ async def test_the_limits_page_shows_keep_alive_and_exemptions_in_force_and_expi
         assert "kept alive (<code>.keep-alive</code>) until" in page
         assert ("expired" if everyone else "Expired: exempt from max_runtime") in page
     assert "warnings at 80%, 95% of the idle timeout" in " ".join(page.split())
+
+
+def test_the_admin_limits_page_lists_every_gpu_and_its_holder_node_by_node():
+    from ds01_spawner.ledger import Holder
+    from ds01_spawner.nvml import GpuSlot
+    from ds01_spawner.service.limits_page import gpu_rows
+
+    slots = [GpuSlot("GPU-a", "0", "A100", 1, 0, 0), GpuSlot("GPU-b", "1", "A100", 1, 0, 0)]
+    rows = gpu_rows(slots, [Holder("GPU-b", "bob", "thesis", "", "", 1.0, "ds01-bob--thesis")])
+    assert [(r["gpu"], r["state"], r["user"], r["node"]) for r in rows] == [
+        ("GPU-a", "free", "", ""),
+        ("GPU-b", "held", "bob", ""),
+    ]
+    templates = Environment(
+        loader=FileSystemLoader(Path(limits_page.__file__).parent / "templates"),
+        autoescape=select_autoescape(),
+    )
+    swarm = [
+        {**rows[1], "node": "n2", "index": "n2/0"},
+        {**rows[0], "node": "n3", "index": "n3/0", "state": "unavailable"},
+    ]
+    for gpus, nodes in ((rows, False), (swarm, True)):
+        page = templates.get_template("limits.html").render(
+            user={"name": "admin"},
+            prefix="/p/",
+            everyone=True,
+            users=[],
+            exemptions=[],
+            retirements=[],
+            gpus=gpus,
+            gpu_share=0.0,
+            policy={
+                "source": "x",
+                "retirement": limits_page.retirement_state(RetirementSettings()),
+            },
+            format_time=limits_page._time,
+        )
+        section = page[page.index('<section id="gpus">') : page.index('<section id="exemptions">')]
+        assert "<strong>bob</strong> / thesis" in section
+        assert ("<th>Node</th>" in section) is nodes
+        assert ("<strong>n2</strong>" in section) is nodes
+        assert ("node unavailable" in section) is nodes

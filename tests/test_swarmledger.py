@@ -97,3 +97,52 @@ def test_the_admin_table_names_node_gpu_and_holder(tmp_path):
         ("n1", "GPU-n1-0000", "held", "ada"),
         ("n2", "GPU-n2-0000", "unavailable", ""),
     ]
+
+
+class FakeManager:
+    """What a manager's docker-py APIClient answers (the swarm API's dicts)."""
+
+    def __init__(self, nodes, services, tasks):
+        self.answers = {"nodes": nodes, "services": services, "tasks": tasks}
+        self.asked, self.closed = [], 0
+
+    def nodes(self):
+        self.asked.append("nodes")
+        return self.answers["nodes"]
+
+    def services(self, filters):
+        self.asked.append(("services", filters["label"]))
+        return self.answers["services"]
+
+    def tasks(self, filters):
+        self.asked.append(("tasks", filters["desired-state"]))
+        return self.answers["tasks"]
+
+    def close(self):
+        self.closed += 1
+
+
+async def test_swarm_gpus_read_every_nodes_gpus_and_holders_from_the_manager(tmp_path):
+    from ds01_spawner.swarmledger import SwarmGpus
+
+    s = service(tmp_path, "ds01-ada--p", "ada")
+    manager = FakeManager(
+        [node("n1", ["GPU-n1-0000"]), node("n2", ["GPU-n2-0000"], state="down")],
+        [s],
+        [task(s["ID"], "GPU-n1-0000")],
+    )
+    gpus = SwarmGpus(LedgerSeal(tmp_path), client=lambda: manager)
+    slots, ledger = await gpus.state()
+    assert [x.uuid for x in slots] == ["GPU-n1-0000"]  # the down node's GPU cannot be given
+    assert [(h.uuid, h.user) for h in ledger] == [("GPU-n1-0000", "ada")]
+    assert [x.index for x in await gpus.slots()] == ["n1/0"]
+    assert [h.container for h in await gpus.ledger()] == ["ds01-ada--p"]
+    assert ("services", "ds01.managed=true") in manager.asked
+    assert manager.closed == 3  # a client per read, closed after it
+
+
+async def test_a_swarm_without_declared_gpus_has_none_to_give(tmp_path):
+    from ds01_spawner.swarmledger import SwarmGpus
+
+    manager = FakeManager([node("n1", [])], [], [])
+    assert await SwarmGpus(LedgerSeal(tmp_path), client=lambda: manager).state() == (None, [])

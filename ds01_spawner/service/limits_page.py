@@ -6,7 +6,8 @@ runtime and idle time left (and a `.keep-alive` or an exemption holding a
 limit off), GPUs held and kept, the user's exemptions (in force or expired),
 and recent retirements. Admins get every user with a running server, every
 exemption, the policy's state (source, last reload, a broken edit's error,
-the retirement settings) and a "reload now" action.
+the retirement settings), every GPU and who holds it (on a swarm: every
+node's, as the GPU page shows them) and a "reload now" action.
 
 Running servers come from `Retirer.latest`: one survey of the hub, the engine
 and NVML shared by the views of a few seconds, times left counted on to now.
@@ -20,9 +21,12 @@ from typing import Any
 from tornado import web
 
 from ..exemptions import Exemption
+from ..ledger import Holder
 from ..limits import Limits, RetirementSettings
+from ..nvml import GpuSlot
 from ..units import format_duration, format_remaining
 from .base import BaseHandler
+from .gpu_page import swarm_view
 from .hub_api import user_path
 from .retirer import Retirer, ServerView
 
@@ -79,6 +83,28 @@ def usage(user: str, limits: Limits, views: list[ServerView], holds: list) -> di
     }
 
 
+def gpu_rows(gpus: list[GpuSlot], ledger: list[Holder]) -> list[dict[str, str]]:
+    """Every GPU a check saw and who holds it, in the rows of the swarm's table
+    (`swarmledger.gpu_table`); no node: one engine's GPUs."""
+    by_uuid = {h.uuid: h for h in ledger}
+    rows = []
+    for g in gpus:
+        holder = by_uuid.get(g.uuid)
+        rows.append(
+            {
+                "node": "",
+                "gpu": g.uuid,
+                "index": g.index,
+                "model": g.name,
+                "state": "held" if holder else "free",
+                "user": holder.user if holder else "",
+                "project": holder.project if holder else "",
+                "service": holder.container if holder else "",
+            }
+        )
+    return rows
+
+
 class LimitsHandler(BaseHandler):
     @property
     def retirer(self) -> Retirer:
@@ -132,6 +158,9 @@ class LimitsHandler(BaseHandler):
         if everyone:
             data["policy"] = self.policy_state()
             data["exemptions"] = [e.describe(now) for e in policy.exemptions]
+            # on a swarm every node's GPUs, a down or drained node's too; else the check's
+            swarm = await swarm_view(self.ds01.shared_settings.state_dir)
+            data["gpus"] = swarm if swarm is not None else gpu_rows(snapshot.gpus, snapshot.holders)
         self.respond(
             data,
             "limits.html",

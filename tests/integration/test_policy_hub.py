@@ -39,15 +39,24 @@ def test_the_service_retires_by_policy_and_shows_limits(data):
         "defaults:\n  max_runtime: 12s\n  max_running_projects: 2\n"
         "retirement:\n  check_interval: 1s\n  warn_before: 10s\n"
     )
-    hub = HubProcess(data / "data", data / "hub.log", DS01_POLICY_FILE=str(policy))
+    hub = HubProcess(
+        data / "data", data / "hub.log", DS01_POLICY_FILE=str(policy), DS01_SIMULATED_GPUS="2"
+    )
     hub.start()
     try:
         hub.api("POST", f"users/{USER}")
         token = hub.api("POST", f"users/{USER}/tokens", json={"note": "t"}).json()["token"]
         mine = {"Authorization": f"token {token}"}
         service = f"{hub.url}/services/ds01/api/"
-        assert hub.api("POST", f"users/{USER}/servers/p", json={}).status_code in (201, 202)
+        options = {"user_options": {"gpus": 1}}
+        assert hub.api("POST", f"users/{USER}/servers/p", json=options).status_code in (201, 202)
         hub.wait_ready(USER, "p")
+        admin = {"Authorization": f"token {hub.admin_token()}"}
+        gpus = requests.get(service + "limits?all=1", headers=admin, timeout=30).json()["gpus"]
+        assert sorted((g["state"], g["user"], g["node"]) for g in gpus) == [
+            ("free", "", ""),
+            ("held", USER, ""),
+        ]  # every GPU and who holds it
 
         limits = requests.get(service + "limits", headers=mine, timeout=30).json()
         (me,) = limits["users"]
@@ -70,13 +79,14 @@ def test_the_service_retires_by_policy_and_shows_limits(data):
             "warn_before (10s ahead), 75 % and 90 %: each once, over a dozen checks"
         )
 
-        admin = {"Authorization": f"token {hub.admin_token()}"}
         view = requests.get(service + "limits?all=1", headers=admin, timeout=30).json()
+        assert [g["state"] for g in view["gpus"]] == ["free", "free"]  # freed at the retire
         assert view["policy"]["source"] == str(policy) and view["policy"]["error"] is None
         assert any(r["user"] == USER and r["reason"] == "max_runtime" for r in view["retirements"])
         page = requests.get(f"{hub.url}/services/ds01/limits?all=1", headers=admin, timeout=30)
         assert page.status_code == 200 and "Everyone's limits" in page.text
         assert "Reload policy now" in page.text and "it has run for" in page.text
+        assert 'id="gpus"' in page.text and "No GPUs." not in page.text
         page = requests.get(f"{hub.url}/services/ds01/limits", headers=mine, timeout=30)
         assert "Your limits" in page.text and "No project running." in page.text
         assert "max_runtime" in page.text and "12s" in page.text
