@@ -12,6 +12,12 @@ Environment knobs:
   DS01_PIP_INDEX_URL    a lab package mirror for image builds             (unset: PyPI)
   DS01_BUILD_NETWORK    network mode of image builds, e.g. host           (unset: default)
   DS01_POLICY_FILE      the lab policy: limits, idle and runtime retirement  (./policy.yaml)
+
+Several GPU servers on a Docker Swarm (README "Outgrowing one server"):
+  DS01_SWARM_REGISTRY   set: spawn with `ds01-swarm`, images pushed here (host:port)
+  DS01_HUB_IP           the address every node reaches the hub at (unset: the bridge)
+  DS01_BASE_IMAGE       the base image, e.g. by digest in the registry (ds01/singleuser:latest)
+  DOCKER_HOST           the engine of a swarm manager, if not this machine's
 """
 
 import os
@@ -51,7 +57,7 @@ c.Authenticator.admin_users = admins
 c.DS01Spawner.workspace_root = str(data / "workspaces")
 c.DS01Spawner.state_dir = str(data / "state")
 c.DS01Spawner.project_types_dir = str(here / "images" / "types")
-c.DS01Spawner.base_image = "ds01/singleuser:latest"
+c.DS01Spawner.base_image = os.environ.get("DS01_BASE_IMAGE", "ds01/singleuser:latest")
 if os.environ.get("DS01_PIP_INDEX_URL"):
     c.DS01Spawner.build_args = {"PIP_INDEX_URL": os.environ["DS01_PIP_INDEX_URL"]}
 if os.environ.get("DS01_BUILD_NETWORK"):
@@ -60,6 +66,14 @@ if os.environ.get("DS01_BUILD_NETWORK"):
 c.DS01Spawner.policy_file = os.environ.get("DS01_POLICY_FILE", str(here / "policy.yaml"))
 # GPUs: NVML by default; DS01_SIMULATED_GPUS=N presents N pretend GPUs (passed as env only)
 c.DS01Spawner.simulated_gpus = int(os.environ.get("DS01_SIMULATED_GPUS", "0"))
+
+# several GPU servers: one swarm (its manager's engine), a registry every node pulls from,
+# workspace_root on storage every node mounts at the same path (NFS)
+if os.environ.get("DS01_SWARM_REGISTRY"):
+    c.JupyterHub.spawner_class = "ds01-swarm"
+    c.DS01SwarmSpawner.registry = os.environ["DS01_SWARM_REGISTRY"]
+if os.environ.get("DS01_HUB_IP"):
+    c.JupyterHub.hub_ip = c.JupyterHub.hub_connect_ip = os.environ["DS01_HUB_IP"]
 
 # spawner class, hub networking, the ds01 service (GPU view) and its roles. It fills in
 # only what is unset above, and hands the service the final c.DS01Spawner settings.

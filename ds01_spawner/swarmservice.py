@@ -94,6 +94,7 @@ def service_request(
     gpus: int = 0,
     kind: str = GPU_KIND,
     constraints: Sequence[str] = (),
+    node_cpus: int | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of docker-py's `APIClient.create_service` for this plan.
 
@@ -104,6 +105,7 @@ def service_request(
     field on API 1.41 (Docker 20.10); the uid and the dropped capabilities stay.
     The port is published in host mode on the task's node, the engine choosing
     the number (`task_endpoint` reads it): the routing mesh is not needed.
+    `node_cpus`: the fewest CPUs (nano) a node has, see `cpu_limit`.
     """
     lab = service_labels(plan, name=name, seal=seal, started_at=started_at)
     mounts = []
@@ -126,7 +128,7 @@ def service_request(
     limits = plan.limits
     resources = docker.types.Resources(
         mem_limit=limits.memory if limits is not None else None,
-        cpu_limit=(int(limits.max_cpus * 1e9) if limits is not None and limits.max_cpus else None),
+        cpu_limit=cpu_limit(limits.max_cpus if limits is not None else None, node_cpus),
         generic_resources={kind: gpus} if gpus else None,
     )
     if limits is not None and limits.pids_limit is not None:
@@ -142,6 +144,29 @@ def service_request(
         ports=[{"Protocol": "tcp", "TargetPort": port, "PublishMode": "host"}]
     )
     return {"name": name, "task_template": task, "endpoint_spec": endpoint, "labels": lab}
+
+
+def cpu_limit(max_cpus: float | None, node_cpus: int | None) -> int | None:
+    """The task's CPU limit in nano-CPUs: the policy's, at most `node_cpus`.
+
+    A node refuses a task limited to more CPUs than it has (unlike one engine's
+    CPU quota, which allows it), and the limit is set before the swarm picks the
+    node: so it is capped at the fewest CPUs of any node (`node_cpus`, nano).
+    """
+    if not max_cpus:
+        return None
+    wanted = int(max_cpus * 1e9)
+    return min(wanted, node_cpus) if node_cpus else wanted
+
+
+def fewest_cpus(nodes: Sequence[Mapping[str, Any]]) -> int | None:
+    """The fewest nano-CPUs of the ready nodes (None: none says)."""
+    found = [
+        int(((n.get("Description") or {}).get("Resources") or {}).get("NanoCPUs") or 0)
+        for n in nodes
+        if (n.get("Status") or {}).get("State") == "ready"
+    ]
+    return min((f for f in found if f > 0), default=None)
 
 
 def assigned_gpus(task: Mapping[str, Any], kind: str = GPU_KIND) -> list[str]:

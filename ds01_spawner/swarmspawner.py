@@ -42,6 +42,7 @@ from .statefiles import write_json
 from .swarmservice import (
     GPU_KIND,
     assigned_gpus,
+    fewest_cpus,
     node_name,
     service_request,
     task_endpoint,
@@ -240,6 +241,7 @@ class DS01SwarmSpawner(DS01Spawner, SwarmSpawner):
             gpus=self._gpus_asked,
             kind=self.swarm_gpu_kind,
             constraints=(self.extra_placement_spec or {}).get("constraints") or (),
+            node_cpus=fewest_cpus(await self.docker("nodes")),
         )
         return await self.docker("create_service", **request)
 

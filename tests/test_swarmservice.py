@@ -6,6 +6,8 @@ from ds01_spawner.identity import UserIds
 from ds01_spawner.limits import Limits
 from ds01_spawner.swarmservice import (
     assigned_gpus,
+    cpu_limit,
+    fewest_cpus,
     service_request,
     task_endpoint,
     task_failure,
@@ -111,6 +113,24 @@ def test_policy_limits_become_service_limits():
     limits = Limits(memory=4 * GIB, max_cpus=2.5, pids_limit=512)
     res = request(plan(limits=limits))["task_template"]["Resources"]["Limits"]
     assert res == {"MemoryBytes": 4 * GIB, "NanoCPUs": 2_500_000_000, "Pids": 512}
+
+
+def test_a_cpu_limit_above_the_smallest_node_is_capped_there_for_nodes_refuse_it():
+    limits = Limits(max_cpus=4)
+    res = request(plan(limits=limits), node_cpus=2_000_000_000)["task_template"]["Resources"]
+    assert res["Limits"]["NanoCPUs"] == 2_000_000_000
+    assert cpu_limit(1.5, 2_000_000_000) == 1_500_000_000
+    assert cpu_limit(None, 2_000_000_000) is None
+    assert cpu_limit(3, None) == 3_000_000_000
+
+
+def test_the_fewest_cpus_are_those_of_the_smallest_ready_node():
+    def node(cpus: int, state: str = "ready") -> dict:
+        return {"Description": {"Resources": {"NanoCPUs": cpus}}, "Status": {"State": state}}
+
+    nodes = [node(8_000_000_000), node(2_000_000_000, "down"), node(4_000_000_000)]
+    assert fewest_cpus(nodes) == 4_000_000_000
+    assert fewest_cpus([{"Status": {"State": "ready"}}]) is None
 
 
 def test_placement_constraints_are_passed_on():

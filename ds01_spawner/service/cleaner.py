@@ -83,9 +83,12 @@ class Cleaner:
         clock: Callable[[], float] = time.time,
         client: docker.APIClient | None = None,
         image_filters: dict[str, list[str]] | None = None,
+        swarm: bool = False,
     ) -> None:
         """`image_filters`: the engine's image list narrowed (a test on a shared engine
-        passes its own label); the default is every image, as a lab wants."""
+        passes its own label); the default is every image, as a lab wants. `swarm`: the
+        engine is the manager of a `ds01-swarm` hub, whose projects run as services on
+        any node: a project with a service is running too (its image is kept)."""
         self.policies = policies
         self.audit = audit
         self.store = ProjectStore(state_dir)
@@ -96,6 +99,7 @@ class Cleaner:
         self.clock = clock
         self.client = client or docker_client()
         self.image_filters = image_filters
+        self.swarm = swarm
         self._task: asyncio.Task | None = None
 
     @classmethod
@@ -107,6 +111,7 @@ class Cleaner:
             settings.policy_store,
             settings.audit,
             dangling_grace=settings.build_time_limit or 86400.0,
+            swarm=bool(settings.swarm_gpu_kind),
         )
 
     # ------------------------------------------------------------ facts
@@ -119,6 +124,10 @@ class Cleaner:
             for c in containers
             if c.get("State") == "running" and c.get("Labels", {}).get(labels.MANAGED) == "true"
         }
+        if self.swarm:
+            for service in self.client.services(filters={"label": f"{labels.MANAGED}=true"}):
+                lab = (service.get("Spec") or {}).get("Labels") or {}
+                running.add((lab.get(labels.USER, ""), lab.get(labels.PROJECT, "")))
         projects, building = {}, set()
         for repo, tags in project_images(images).items():
             entry = next(iter(tags.values()))

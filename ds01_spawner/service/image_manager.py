@@ -184,20 +184,7 @@ class ImageManager:
         except (Refusal, DockerfileError) as e:
             dockerfile, packages, problem = None, None, str(e)
         built_from = (latest or {}).get("Config", {}).get("Labels", {}) or {}
-        running = []
-        for c in await self._docker(
-            "containers",
-            filters={
-                "label": [f"{labels.USER}={project.owner}", f"{labels.PROJECT}={project.name}"]
-            },
-        ):
-            running.append(
-                {
-                    "server": c["Labels"].get(labels.SERVER_NAME, ""),
-                    "container": c["Names"][0].lstrip("/"),
-                    "outdated": bool(latest) and c["ImageID"] != latest["Id"],
-                }
-            )
+        running = await self.running(project, latest)
         return {
             "owner": project.owner,
             "project": project.name,
@@ -226,6 +213,35 @@ class ImageManager:
             # the image cleaner removed :latest (the next start rebuilds it)
             "cleaned": None if latest else self.cleaned.read(slug, project.name),
         }
+
+    async def running(self, project: Project, latest: dict | None) -> list[dict[str, Any]]:
+        """The project's running servers, each `outdated` if not on the `latest` image.
+
+        One engine: its containers. A swarm (`ds01-swarm`): its services, on any
+        node, which run a build pushed to the registry by digest: outdated unless
+        that digest is the latest image's.
+        """
+        wanted = {"label": [f"{labels.USER}={project.owner}", f"{labels.PROJECT}={project.name}"]}
+        if self.settings.swarm_gpu_kind:
+            pushed = set((latest or {}).get("RepoDigests") or [])
+            return [
+                {
+                    "server": spec["Labels"].get(labels.SERVER_NAME, ""),
+                    "container": spec["Name"],
+                    "outdated": bool(latest)
+                    and spec["TaskTemplate"]["ContainerSpec"]["Image"] not in pushed,
+                }
+                for spec in (s["Spec"] for s in await self._docker("services", filters=wanted))
+                if spec.get("Labels", {}).get(labels.ROLE) == "project"
+            ]
+        return [
+            {
+                "server": c["Labels"].get(labels.SERVER_NAME, ""),
+                "container": c["Names"][0].lstrip("/"),
+                "outdated": bool(latest) and c["ImageID"] != latest["Id"],
+            }
+            for c in await self._docker("containers", filters=wanted)
+        ]
 
     async def _inspect(self, ref: str) -> dict | None:
         try:

@@ -11,6 +11,7 @@ process under its hub while it can see them, and `stop()` ends them all.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -240,6 +241,34 @@ class HubProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         return end_processes(self.started)
+
+
+class Client:
+    """A user's token-authenticated client for the service's JSON API."""
+
+    def __init__(self, hub: HubProcess, user: str) -> None:
+        hub.api("POST", f"users/{user}")
+        token = hub.api("POST", f"users/{user}/tokens", json={"note": "test"}).json()["token"]
+        self.base = f"{hub.url}/services/ds01/api/"
+        self.headers = {"Authorization": f"token {token}"}
+
+    def get(self, path: str) -> requests.Response:
+        return requests.get(self.base + path, headers=self.headers, timeout=60)
+
+    def post(self, path: str, body: dict | None = None) -> requests.Response:
+        return requests.post(self.base + path, json=body or {}, headers=self.headers, timeout=120)
+
+    def events(self, path: str) -> list[dict]:
+        out = []
+        with requests.get(self.base + path, headers=self.headers, stream=True, timeout=300) as r:
+            for line in r.iter_lines(decode_unicode=True):
+                if line and line.startswith("data:"):
+                    out.append(json.loads(line[5:]))
+        return out
+
+    def wait_build(self, path: str) -> list[dict]:
+        """Follow the build's event stream to its end: the live build, or its record."""
+        return self.events(f"{path}/events")
 
 
 @contextlib.contextmanager

@@ -27,8 +27,7 @@ from ds01_spawner.limits import PolicyStore
 from ds01_spawner.projects import Project, ProjectStore
 from ds01_spawner.service.cleaner import Cleaner
 
-from .hubprocess import HubProcess, seed_workspace
-from .test_image_page import Client
+from .hubprocess import Client, HubProcess, seed_workspace
 
 DAY = 86400.0
 TEST_LABEL = "ds01.test-run"

@@ -14,7 +14,7 @@ import requests
 from tests.pkgindex import PackageIndex, make_wheel
 
 from .conftest import exec_in
-from .hubprocess import HubProcess, hub_with_index
+from .hubprocess import Client, HubProcess, hub_with_index
 
 USERS = ("alice", "bob")
 
@@ -34,34 +34,6 @@ def hub(tmp_path_factory, index):
         USERS,
     ) as hub:
         yield hub
-
-
-class Client:
-    """A user's token-authenticated client for the service's JSON API."""
-
-    def __init__(self, hub: HubProcess, user: str) -> None:
-        hub.api("POST", f"users/{user}")
-        token = hub.api("POST", f"users/{user}/tokens", json={"note": "test"}).json()["token"]
-        self.base = f"{hub.url}/services/ds01/api/"
-        self.headers = {"Authorization": f"token {token}"}
-
-    def get(self, path: str) -> requests.Response:
-        return requests.get(self.base + path, headers=self.headers, timeout=60)
-
-    def post(self, path: str, body: dict | None = None) -> requests.Response:
-        return requests.post(self.base + path, json=body or {}, headers=self.headers, timeout=120)
-
-    def events(self, path: str) -> list[dict]:
-        out = []
-        with requests.get(self.base + path, headers=self.headers, stream=True, timeout=300) as r:
-            for line in r.iter_lines(decode_unicode=True):
-                if line and line.startswith("data:"):
-                    out.append(json.loads(line[5:]))
-        return out
-
-    def wait_build(self, path: str) -> list[dict]:
-        """Follow the build's event stream to its end: the live build, or its record."""
-        return self.events(f"{path}/events")
 
 
 def workspace(hub: HubProcess, user: str, project: str) -> Path:
