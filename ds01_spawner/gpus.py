@@ -200,16 +200,16 @@ class GpuAllocator:
         GPUs handed out whose containers do not exist yet."""
         if containers is None:
             containers = await self.list_containers()
-        pending = [h for entries in self._pending.values() for h in entries]
-        claimed = set(self._pending)
         # a sealed container naming a GPU that left the inventory still holds it
         # (the admin page lists it as such); unsealed labels never count
-        engine = [
-            h
-            for h in holders_from_containers(containers, seal=self.seal)
-            if (h.user, h.server) not in claimed
-        ]
-        return engine + pending
+        return self.with_pending(holders_from_containers(containers, seal=self.seal))
+
+    def with_pending(self, found: Iterable[Holder]) -> list[Holder]:
+        """The ledger `found` on the engine, and the GPUs handed out to servers that do not
+        hold them there yet (in place of what the engine says of those servers)."""
+        claimed = set(self._pending)
+        pending = [h for entries in self._pending.values() for h in entries]
+        return [h for h in found if (h.user, h.server) not in claimed] + pending
 
     async def slots(self) -> list[GpuSlot]:
         return await asyncio.to_thread(self.inventory.read)

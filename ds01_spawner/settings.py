@@ -31,7 +31,7 @@ from .images import BUILD_NETWORK, BuildSettings
 from .ledger import GpuHolds, LedgerSeal
 from .limits import Limits, PolicyStore
 from .projects import ProjectStore, ProjectType, discover_types
-from .swarmledger import SwarmGpus
+from .swarmledger import swarm_gpus
 from .units import parse_size
 from .workspaces import workspace_path
 
@@ -373,16 +373,16 @@ class DS01Settings(LoggingConfigurable):
         return self.policy_store.current().resolve(user, list(groups))
 
     @property
-    def gpu_allocator(self) -> GpuAllocator | SwarmGpus:
+    def gpu_allocator(self) -> GpuAllocator:
         """This process's GPU allocator: one lock and one pending list for every spawn.
 
-        On a swarm (`swarm_gpu_kind` set: `ds01-swarm`) the swarm's GPUs and ledger
-        instead, read from a manager: the swarm assigns, nothing is handed out here.
+        On a swarm (`swarm_gpu_kind` set: `ds01-swarm`) over the swarm's GPUs and
+        ledger, read from a manager (swarmledger.SwarmGpus): the swarm assigns which.
         """
         if self.swarm_gpu_kind:
             key = ("swarm-gpus", self.swarm_gpu_kind, self.state_dir)
             seal = LedgerSeal(self.state_dir)
-            return shared(key, lambda: SwarmGpus(seal, self.swarm_gpu_kind))
+            return shared(key, lambda: swarm_gpus(seal, self.swarm_gpu_kind))
         key = ("gpus", self.simulated_gpus, self.state_dir)
         return shared(key, lambda: gpu_allocator(self.simulated_gpus, self.state_dir))
 

@@ -526,9 +526,12 @@ class DS01Spawner(ServerAudit, DS01Settings, DockerSpawner):
         except (GpuRefusal, GpuUnavailable) as e:
             raise gpu_refusal(e) from None
         holds.release(self.user.name, request.project, [s.uuid for s in chosen])
+        self._announce_gpus(chosen)
+        return chosen, since
+
+    def _announce_gpus(self, chosen: list[GpuSlot]) -> None:
         for slot in chosen:
             self._emit(_CONTAINER, f"Assigned GPU {slot.index} ({slot.name}, {slot.uuid})")
-        return chosen, since
 
     def _resolve_ids(self) -> UserIds:
         hook = self.user_ids_hook

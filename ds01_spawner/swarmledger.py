@@ -8,8 +8,8 @@ and the labels `ds01-gpu-declare` gave them (swarmgpus.py). Nothing is kept
 by the hub: a restarted hub reads the same answer, and a service that is
 gone, or a task whose node died, holds nothing. Pure functions over what the
 swarm API returns, so the policy (`gpus.choose`) runs on it unchanged;
-`SwarmGpus` reads them from a manager for the hub and the service alike, in
-place of the single engine's `GpuAllocator` (settings.DS01Settings.gpu_allocator).
+`SwarmGpus`, the allocator on a swarm, reads them from a manager for the hub
+and the service alike (settings.DS01Settings.gpu_allocator).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 from . import labels
 from .engine import docker_client
+from .gpus import GpuAllocator
 from .ledger import Holder, LedgerSeal, labelled_holder
 from .nvml import GpuSlot
 from .swarmservice import GPU_KIND, LIVE_TASK_STATES, assigned_gpus, node_name
@@ -134,49 +135,79 @@ def gpu_table(gpus: Iterable[NodeGpu], ledger: Iterable[Holder]) -> list[dict[st
     return rows
 
 
-class SwarmGpus:
-    """The GPU view on a swarm: every node's declared GPUs and the swarm ledger, read
-    from a manager (the engine DOCKER_HOST names) on each call.
+@dataclass(frozen=True)
+class SwarmListing:
+    """One read of the swarm: its nodes, ds01's services and the live tasks."""
 
-    What the admission, the limits, GPU and home pages, the retirement check and
-    the metrics read (`slots`, `ledger`, `state`), as `gpus.GpuAllocator` gives
-    them on one engine; nothing is claimed here: the swarm assigns a GPU to a
-    task atomically. A swarm that cannot be read is an error, as NVML's is.
-    """
+    nodes: list[dict[str, Any]]
+    services: list[dict[str, Any]]
+    tasks: list[dict[str, Any]]
 
-    def __init__(
-        self,
-        seal: LedgerSeal | None,
-        kind: str = GPU_KIND,
-        client: Callable[[], Any] = lambda: docker_client(30),
-    ) -> None:
-        self.seal, self.kind, self._client = seal, kind, client
 
-    def read(self) -> tuple[list[NodeGpu], list[Holder]]:
-        """Every node's GPUs (usable or not) and who holds which. Blocking."""
-        client = self._client()
+def read_swarm(client: Any) -> SwarmListing:
+    """Everything the swarm ledger is made of, from a manager (docker-py APIClient)."""
+    return SwarmListing(
+        client.nodes(),
+        client.services(filters={"label": f"{labels.MANAGED}=true"}),
+        client.tasks(filters={"desired-state": "running"}),
+    )
+
+
+class SwarmInventory:
+    """The nodes' declared GPUs that can be given now (ready, active nodes)."""
+
+    def __init__(self, client: Callable[[], Any], kind: str = GPU_KIND) -> None:
+        self.client, self.kind = client, kind
+
+    def read(self) -> list[GpuSlot]:
+        client = self.client()
         try:
-            nodes = client.nodes()
-            services = client.services(filters={"label": f"{labels.MANAGED}=true"})
-            tasks = client.tasks(filters={"desired-state": "running"})
+            return gpu_slots(node_gpus(client.nodes(), self.kind))
         finally:
             client.close()
-        gpus = node_gpus(nodes, self.kind)
-        return gpus, holders(services, tasks, seal=self.seal, kind=self.kind)
 
-    async def nodes(self) -> tuple[list[NodeGpu], list[Holder]]:
-        return await asyncio.to_thread(self.read)
 
-    async def slots(self) -> list[GpuSlot]:
-        return gpu_slots((await self.nodes())[0])
+@dataclass
+class SwarmGpus(GpuAllocator):
+    """The GPU allocator on a swarm: the nodes' GPUs and the swarm ledger, read from a
+    manager (the engine DOCKER_HOST names) on each decision.
 
-    async def ledger(self, containers: list[dict] | None = None) -> list[Holder]:
-        return (await self.nodes())[1]
+    The same lock, claims and GPU queue as on one engine, so the policy and the
+    fair queue decide *whether and when* a server gets GPUs; the swarm decides
+    *which*, assigning them to the task atomically. A claim counts until the
+    task holds its GPUs on the swarm (`settle`). Make it with `swarm_gpus`.
+    """
+
+    kind: str = GPU_KIND
+
+    async def ledger(self, containers: Any = None) -> list[Holder]:
+        """Who holds what: the swarm's sealed services' live tasks (`containers`: a
+        `SwarmListing` already read), and GPUs handed out whose tasks do not yet."""
+        listing = containers if containers is not None else await self.list_containers()
+        found = holders(listing.services, listing.tasks, seal=self.seal, kind=self.kind)
+        return self.with_pending(found)
 
     async def state(self) -> tuple[list[GpuSlot] | None, list[Holder]]:
         """The usable GPUs (None when no node declares one) and the ledger, in one read."""
-        gpus, ledger = await self.nodes()
-        return gpu_slots(gpus) or None, ledger
+        listing = await self.list_containers()
+        return gpu_slots(node_gpus(listing.nodes, self.kind)) or None, await self.ledger(listing)
 
-    def settle(self, user: str, server: str) -> None:
-        """Nothing handed out here is waiting to be labelled."""
+
+def swarm_gpus(
+    seal: LedgerSeal | None,
+    kind: str = GPU_KIND,
+    client: Callable[[], Any] = lambda: docker_client(30),
+) -> SwarmGpus:
+    """The swarm's GPU allocator, a new client (`client()`) for each read."""
+
+    def read() -> SwarmListing:
+        c = client()
+        try:
+            return read_swarm(c)
+        finally:
+            c.close()
+
+    async def listing() -> SwarmListing:
+        return await asyncio.to_thread(read)
+
+    return SwarmGpus(SwarmInventory(client, kind), listing, seal, kind=kind)

@@ -171,22 +171,31 @@ class DS01SwarmSpawner(DS01Spawner, SwarmSpawner):
         self.node = ""
 
     # ------------------------------------------------------------ GPUs
-    # admission reads `gpu_allocator`: on a swarm, swarmledger.SwarmGpus (every node's
-    # GPUs and the swarm ledger), as the service's pages and retirement check do
+    # `gpu_allocator` is swarmledger.SwarmGpus here: admission and the GPU queue read
+    # every node's GPUs and the swarm ledger, as the service's pages and checks do
 
     async def _assign_gpus(
         self, request: GpuRequest, limits: Limits, *, wait: bool = False
     ) -> tuple[list[GpuSlot], str]:
-        """Nothing taken here: the service asks the swarm, which assigns atomically."""
+        """The policy and the fair GPU queue decide whether and when (DS01Spawner's, on the
+        swarm ledger); the service then asks the swarm for that many, and the swarm
+        assigns which, atomically (`start_object` says which it gave)."""
         if request.mig:
             raise Refusal(
                 "MIG devices are not offered on the swarm yet; ask for whole GPUs",
                 status=400,
                 reason="gpu",
             )
-        self._gpus_asked = request.count
+        chosen, since = await super()._assign_gpus(request, limits, wait=wait)
+        self._gpus_asked = len(chosen)
+        # the ledger saw them free; a GPU busy outside ds01 may still keep the task pending
         self._placement_wait = (limits.queue_timeout or 0.0) if wait else 0.0
-        return [], labels.now_iso()
+        return chosen, since
+
+    def _announce_gpus(self, chosen: list[GpuSlot]) -> None:
+        if chosen:
+            count = f"{len(chosen)} GPU{'s' if len(chosen) > 1 else ''}"
+            self._emit(_CONTAINER, f"{count} free on the swarm: asking it for {count}")
 
     # ------------------------------------------------------------ the image
 

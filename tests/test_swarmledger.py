@@ -123,7 +123,7 @@ class FakeManager:
 
 
 async def test_swarm_gpus_read_every_nodes_gpus_and_holders_from_the_manager(tmp_path):
-    from ds01_spawner.swarmledger import SwarmGpus
+    from ds01_spawner.swarmledger import swarm_gpus
 
     s = service(tmp_path, "ds01-ada--p", "ada")
     manager = FakeManager(
@@ -131,7 +131,7 @@ async def test_swarm_gpus_read_every_nodes_gpus_and_holders_from_the_manager(tmp
         [s],
         [task(s["ID"], "GPU-n1-0000")],
     )
-    gpus = SwarmGpus(LedgerSeal(tmp_path), client=lambda: manager)
+    gpus = swarm_gpus(LedgerSeal(tmp_path), client=lambda: manager)
     slots, ledger = await gpus.state()
     assert [x.uuid for x in slots] == ["GPU-n1-0000"]  # the down node's GPU cannot be given
     assert [(h.uuid, h.user) for h in ledger] == [("GPU-n1-0000", "ada")]
@@ -142,7 +142,26 @@ async def test_swarm_gpus_read_every_nodes_gpus_and_holders_from_the_manager(tmp
 
 
 async def test_a_swarm_without_declared_gpus_has_none_to_give(tmp_path):
-    from ds01_spawner.swarmledger import SwarmGpus
+    from ds01_spawner.swarmledger import swarm_gpus
 
     manager = FakeManager([node("n1", [])], [], [])
-    assert await SwarmGpus(LedgerSeal(tmp_path), client=lambda: manager).state() == (None, [])
+    assert await swarm_gpus(LedgerSeal(tmp_path), client=lambda: manager).state() == (None, [])
+
+
+async def test_a_claim_counts_until_the_swarm_shows_the_task_holding_its_gpu(tmp_path):
+    from ds01_spawner.gpus import GpuRequest
+    from ds01_spawner.nvml import GpuSlot
+    from ds01_spawner.swarmledger import swarm_gpus
+
+    s = service(tmp_path, "ds01-ada--p", "ada")
+    manager = FakeManager([node("n1", ["GPU-n1-0000", "GPU-n1-0001"])], [s], [])
+    gpus = swarm_gpus(LedgerSeal(tmp_path), client=lambda: manager)
+    slot = GpuSlot("GPU-n1-0001", "n1/1", "A100", 0, 0, None)
+    async with gpus.lock():
+        gpus.claim(GpuRequest("ada", "p", "p", 1), [slot], "2026-12-02T10:00:00Z")
+    assert [(h.uuid, h.container) for h in await gpus.ledger()] == [("GPU-n1-0001", "(starting)")]
+    # the task runs, on the GPU the swarm chose: it replaces the claim, then the claim goes
+    manager.answers["tasks"] = [task(s["ID"], "GPU-n1-0000")]
+    assert [h.uuid for h in await gpus.ledger()] == ["GPU-n1-0001"]  # claimed: counted once
+    gpus.settle("ada", "p")
+    assert [(h.uuid, h.container) for h in await gpus.ledger()] == [("GPU-n1-0000", "ds01-ada--p")]

@@ -1,8 +1,9 @@
 """The repo's own jupyterhub_config.py as a real hub process on the test swarm
 (`DS01_SWARM_REGISTRY`: `ds01-swarm`), with its ds01 service: the admin pages see
 every node's GPUs, the image page rebuilds, the hub is killed and restarted
-under a running server, and a drained node's server is noticed as stopped and
-starts again on the other node, on the rebuilt image, with the same workspace.
+under a running server, a drained node's server is noticed as stopped and
+starts again on the other node, on the rebuilt image, with the same workspace,
+and the image page's rollback brings back the first build, by its digest.
 """
 
 from __future__ import annotations
@@ -177,6 +178,16 @@ def test_a_real_hub_on_the_swarm_keeps_its_servers_over_a_restart_and_a_drain_mo
     assert run_in(swarm, task, ["cat", "/workspace/note.txt"]) == (0, "kept")
     info = alice.get(f"images/{USER}/{PROJECT}").json()
     assert [r["outdated"] for r in info["running"]] == [False]
+
+    # the image page's rollback and restart: the first build again, the same digest
+    assert alice.post(f"images/{USER}/{PROJECT}/rollback").status_code == 200
+    r = alice.post(f"images/{USER}/{PROJECT}/restart")
+    assert r.status_code == 200, r.text
+    hub2.wait_ready(USER, PROJECT)
+    service = service_of(swarm, USER, PROJECT)
+    assert service.attrs["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == first_image
+    (task,) = swarm.tasks(service, "running")
+    assert run_in(swarm, task, ["cat", "/etc/ds01-rebuilt"])[0] != 0
 
     # a normal shutdown retires every server (cleanup_servers): no service is left
     assert hub2.terminate() == 0

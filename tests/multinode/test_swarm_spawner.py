@@ -165,6 +165,54 @@ async def test_a_start_that_waits_for_a_gpu_gets_the_first_one_freed(swarm, swar
     assert assigned_gpus(task) == [freed]
 
 
+async def test_the_fair_gpu_queue_serves_waiters_in_order_on_the_swarm(swarm, swarm_hub):
+    from ds01_spawner.gpuqueue import QueueFile
+    from ds01_spawner.service.gpu_page import queue_rows
+
+    policy = {"defaults": {"max_gpus": 2, "max_gpus_per_project": 2, "queue_timeout": "3m"}}
+    fast_202 = {"tornado_settings": {"slow_spawn_timeout": 0.5}}
+    hub = await swarm_hub(_jupyterhub=fast_202, policy=policy)
+    a, b, c, d, e = (hub.new_user() for _ in range(5))
+    for holder in (a, b):  # the four GPUs held: two each, one node each
+        await hub.start(holder, "g", {"project": "g", "type": "base", "gpus": 2})
+    state_dir = hub.app.config.DS01SwarmSpawner.state_dir
+
+    async def waiting() -> list[tuple[str, int]]:
+        return [(w.user, w.position) for w in QueueFile(state_dir).read().waiting()]
+
+    async def joins(user: str, gpus: int, place: int) -> None:
+        r = await hub.request_start(
+            user, "g", {"project": "g", "type": "base", "gpus": gpus, "wait": True}
+        )
+        assert r.status_code in (201, 202), r.text
+        deadline = time.monotonic() + 120  # its image builds first
+        while (user, place) not in await waiting():
+            assert time.monotonic() < deadline, f"{user} not {place} in the queue"
+            await asyncio.sleep(0.3)
+
+    await joins(c, 2, 1)  # c asks for two, first
+    await joins(d, 1, 2)  # d for one, after c
+    assert [r["user"] for r in queue_rows(QueueFile(state_dir))] == [c, d]  # the GPU page
+    # waiting creates nothing on the swarm
+    assert swarm.manager.services.list(filters={"label": f"ds01.user={c}"}) == []
+    r = await hub.request_start(e, "g", {"project": "g", "type": "base", "gpus": 1})
+    result = await outcome(hub, e, "g") if r.status_code in (201, 202) else r.json()["message"]
+    assert "no GPU for you right now" in result and "wait" in result, result
+
+    # a's two GPUs free: they go to c, first in line, though d asks for fewer
+    await hub.stop(a, "g")
+    await hub.wait_ready(c, "g", timeout=60)
+    (task,) = swarm.tasks(service_of(swarm, c, "g"), "running")
+    assert len(assigned_gpus(task)) == 2
+    assert hub.app.users[d].spawners["g"].pending == "spawn"
+    assert await waiting() == [(d, 1)]
+    await hub.stop(b, "g")
+    await hub.wait_ready(d, "g", timeout=60)
+    assert await waiting() == []
+    for user in (c, d):
+        await hub.stop(user, "g")
+
+
 @pytest.fixture
 def restored_swarm(swarm):
     """The test may kill a node: afterwards the swarm is taken down and brought up again
