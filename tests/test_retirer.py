@@ -331,3 +331,16 @@ def test_the_admin_limits_page_lists_every_gpu_and_its_holder_node_by_node():
         assert ("<th>Node</th>" in section) is nodes
         assert ("<strong>n2</strong>" in section) is nodes
         assert ("node unavailable" in section) is nodes
+
+
+async def test_a_server_the_engine_cannot_see_is_judged_on_jupyter_activity_alone(world):
+    r = world.retirer()
+
+    async def elsewhere() -> dict:
+        return {}  # on another swarm node: the manager lists no container of it
+
+    r.containers = elsewhere
+    await world.checks(r, T0 + 101 * M)
+    assert world.deleted == ["users/alice/servers/thesis"], "no CPU reading holds it off"
+    (retired,) = RetirementLog(str(world.tmp_path / "state")).recent()
+    assert "no Jupyter activity" in retired.message and "CPU under" not in retired.message

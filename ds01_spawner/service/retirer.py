@@ -4,7 +4,10 @@ Facts come from the hub API (started, last activity, groups), the engine
 (which project each container runs; its CPU and network counters, one
 `stats` call per container, a few at once, each with a timeout), NVML (GPU
 utilization) and the workspace (`.keep-alive`); the decision is
-`retirement.judge`, over the user's limits less the exemptions in force.
+`retirement.judge`, over the user's limits less the exemptions in force. On a
+swarm (`ds01-swarm`) the engine is a manager: a server on another node has no
+counters here, and its idleness is judged on Jupyter activity (and its GPUs,
+where utilization is known) alone, never held off for want of a reading.
 
 Each warning threshold a server crosses goes out once per run of the server:
 a line in its workspace's `.ds01-alerts` (`alerts`), a `policy` `warn`
@@ -312,7 +315,11 @@ class Retirer:
                 gpus=tuple(h.uuid for h in holders),
                 gpu_busy_at=now if gpu_busy else known.gpu_busy_at,
                 busy_at=known.busy_at,
-                quiet_checks=known.quiet_checks if measures_use(settings) else None,
+                # CPU and network count where the engine shows the container; a server
+                # it cannot see (on another swarm node) is judged without them
+                quiet_checks=(
+                    known.quiet_checks if measures_use(settings) and key in containers else None
+                ),
                 keep_alive_at=keep_alive_at,
             )
             snapshot.servers.append(self._view(policy, user, facts, holders, share, now))
