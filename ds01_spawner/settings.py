@@ -31,7 +31,7 @@ from .images import BUILD_NETWORK, BuildSettings
 from .ledger import GpuHolds, LedgerSeal
 from .limits import Limits, PolicyStore
 from .projects import ProjectStore, ProjectType, discover_types
-from .swarmledger import swarm_gpus
+from .swarmallocator import swarm_gpus
 from .units import parse_size
 from .workspaces import workspace_path
 
@@ -377,7 +377,7 @@ class DS01Settings(LoggingConfigurable):
         """This process's GPU allocator: one lock and one pending list for every spawn.
 
         On a swarm (`swarm_gpu_kind` set: `ds01-swarm`) over the swarm's GPUs and
-        ledger, read from a manager (swarmledger.SwarmGpus): the swarm assigns which.
+        ledger, read from a manager (swarmallocator.SwarmGpus): the swarm assigns which.
         """
         if self.swarm_gpu_kind:
             key = ("swarm-gpus", self.swarm_gpu_kind, self.state_dir)

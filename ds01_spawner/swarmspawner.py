@@ -171,7 +171,7 @@ class DS01SwarmSpawner(DS01Spawner, SwarmSpawner):
         self.node = ""
 
     # ------------------------------------------------------------ GPUs
-    # `gpu_allocator` is swarmledger.SwarmGpus here: admission and the GPU queue read
+    # `gpu_allocator` is swarmallocator.SwarmGpus here: admission and the GPU queue read
     # every node's GPUs and the swarm ledger, as the service's pages and checks do
 
     async def _assign_gpus(

@@ -266,7 +266,7 @@ def test_a_service_ip_given_to_configure_wins_over_the_hubs_address():
 def test_on_a_swarm_the_service_reads_the_swarms_gpus_with_the_spawners_settings(
     spawner_class, tmp_path
 ):
-    from ds01_spawner.swarmledger import SwarmGpus
+    from ds01_spawner.swarmallocator import SwarmGpus
     from ds01_spawner.swarmspawner import DS01SwarmSpawner
 
     c = Config()
