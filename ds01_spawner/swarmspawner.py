@@ -7,9 +7,10 @@ is where a server runs, and it is glue over pure functions:
 
     the image  -> built on the engine the hub talks to (a manager), pushed to
                   `registry`, named by digest (every node runs the same build)
-    GPUs       -> the policy admits on the swarm ledger (swarmledger.py); the
-                  swarm assigns one atomically (generic resources); a task it
-                  cannot place is removed and refused (409) within seconds
+    GPUs       -> the policy and the fair GPU queue decide whether and when, on
+                  the swarm ledger (swarmallocator.py); the swarm assigns which,
+                  atomically (generic resources); a task it cannot place is
+                  removed and refused (409) within seconds
     the server -> one service (swarmservice.service_request), its port
                   published in host mode on its node; polled through its task
                   and its node, so a dead or drained node is a stopped server
