@@ -199,6 +199,15 @@ def task_failure(task: Mapping[str, Any]) -> str:
     return ""
 
 
+def pull_failed(task: Mapping[str, Any]) -> bool:
+    """Did the task's node fail to get its image (the registry out of its reach)?"""
+    status = task.get("Status") or {}
+    err = (status.get("Err") or "").lower()
+    return status.get("State") in ("rejected", "failed") and (
+        "no such image" in err or "pull access denied" in err or "manifest unknown" in err
+    )
+
+
 def task_stopped(task: Mapping[str, Any] | None, node: Mapping[str, Any] | None) -> str:
     """Why the server this task runs has stopped ("" while it lives).
 

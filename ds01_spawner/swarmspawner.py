@@ -45,6 +45,7 @@ from .swarmservice import (
     assigned_gpus,
     fewest_cpus,
     node_name,
+    pull_failed,
     service_request,
     task_endpoint,
     task_failure,
@@ -274,6 +275,15 @@ class DS01SwarmSpawner(DS01Spawner, SwarmSpawner):
                 break
             if task is not None and (failure := task_failure(task)):
                 await self._remove_quietly()
+                if pull_failed(task):
+                    node = await self.docker("inspect_node", task["NodeID"])
+                    raise Refusal(
+                        f"node {node_name(node)} could not pull your image from the lab's "
+                        f"registry ({failure}); your image and workspace are unchanged: "
+                        "try again, or tell the hub's admin",
+                        status=502,
+                        reason="registry",
+                    )
                 raise Refusal(f"the swarm could not start your server: {failure}", status=500)
             why = unplaceable(task) if task else ""
             if why:

@@ -8,6 +8,7 @@ from ds01_spawner.swarmservice import (
     assigned_gpus,
     cpu_limit,
     fewest_cpus,
+    pull_failed,
     service_request,
     task_endpoint,
     task_failure,
@@ -185,3 +186,10 @@ def test_a_task_the_swarm_shut_down_or_that_is_gone_has_stopped():
 def test_the_endpoint_is_the_nodes_address_and_the_published_port():
     task = {"Status": {"PortStatus": {"Ports": [{"TargetPort": 8888, "PublishedPort": 30001}]}}}
     assert task_endpoint(task, READY, 8888) == ("198.18.0.12", 30001)
+
+
+def test_a_task_whose_node_could_not_pull_its_image_is_told_apart():
+    err = "No such image: 198.18.0.1:5000/ds01-ada/thesis@sha256:0123"
+    assert pull_failed({"Status": {"State": "rejected", "Err": err}})
+    assert not pull_failed({"Status": {"State": "rejected", "Err": "starting container failed"}})
+    assert not pull_failed({"Status": {"State": "preparing", "Err": err}})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -336,3 +337,38 @@ async def test_an_image_rebuilt_from_the_image_page_runs_on_the_other_node_by_di
     assert hub.app.users[user].spawners["p"].registry == "198.18.0.1:5999"
     assert any("Push failed" in e.get("message", "") for e in events), events
     assert image_of(service_of(swarm, user, "p")) == second
+
+
+@pytest.fixture
+def registry_blocked_from():
+    """`block(node)`: the node's namespace can no longer reach the registry (an iptables
+    REJECT of its port, in the node's network namespace); lifted after the test."""
+    rules: list[list[str]] = []
+
+    def block(node: str) -> None:
+        rule = ["OUTPUT", "-d", "198.18.0.1", "-p", "tcp", "--dport", "5000", "-j", "REJECT"]
+        run = ["nsenter", f"--net=/run/netns/ds01-{node}", "iptables"]
+        subprocess.run([*run, "-A", *rule], check=True)
+        rules.append([*run, "-D", *rule])
+
+    yield block
+    for rule in rules:
+        subprocess.run(rule, check=False)
+
+
+async def test_a_node_that_cannot_pull_the_image_refuses_the_start_clearly(
+    swarm, swarm_hub, services, registry_blocked_from
+):
+    hub = await swarm_hub(policy={"defaults": {"max_gpus": 1}})
+    user = hub.new_user()
+    filler = services(resources=gpu_resources(2), constraints=["node.hostname==n1"])
+    swarm.running(filler)
+    registry_blocked_from("n2")  # the project's new image exists only in the registry
+    r = await hub.request_start(user, "p", {"project": "p", "type": "base", "gpus": 1})
+    if r.status_code in (201, 202):
+        result = await outcome(hub, user, "p")
+    else:
+        result = f"{r.status_code} {r.json()['message']}"
+    assert result.startswith("502 node n2 could not pull your image"), result
+    assert "your image and workspace are unchanged" in result
+    assert swarm.manager.services.list(filters={"label": f"ds01.user={user}"}) == []
