@@ -199,6 +199,15 @@ def gpu_resources(count: int = 1) -> docker.types.Resources:
     return docker.types.Resources(generic_resources={GPU: count})
 
 
+def take_gpus_of(swarm: Swarm, services, node: str, **kwargs):
+    """A service holding every GPU of `node`, running: a start lands on another node."""
+    filler = services(
+        resources=gpu_resources(GPUS_PER_NODE), constraints=[f"node.hostname=={node}"], **kwargs
+    )
+    swarm.running(filler)
+    return filler
+
+
 # ------------------------------------------------------------ a hub on the swarm
 
 HUB_IP = "198.18.0.1"  # the bridge: the nodes' tasks reach the hub's API here

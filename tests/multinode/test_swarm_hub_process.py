@@ -19,7 +19,7 @@ from ds01_spawner.service.cleaner import Cleaner
 from ds01_spawner.swarmservice import assigned_gpus
 from tests.integration.hubprocess import Client, HubProcess
 
-from .conftest import HUB_IP, eventually, gpu_resources, service_of
+from .conftest import HUB_IP, eventually, service_of, take_gpus_of
 
 USER, PROJECT = "alice", "p"
 OPTIONS = {"user_options": {"project": PROJECT, "type": "base", "gpus": 1}}
@@ -85,8 +85,7 @@ def test_a_real_hub_on_the_swarm_keeps_its_servers_over_a_restart_and_a_drain_mo
     alice = Client(hub, USER)
 
     # alice's project lands on n2 (n1's GPUs taken while it starts)
-    filler = services(resources=gpu_resources(2), constraints=["node.hostname==n1"])
-    swarm.running(filler)
+    filler = take_gpus_of(swarm, services, "n1")
     r = hub.api("POST", f"users/{USER}/servers/{PROJECT}", json=OPTIONS)
     assert r.status_code in (201, 202), r.text
     hub.wait_ready(USER, PROJECT)

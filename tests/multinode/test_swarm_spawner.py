@@ -21,7 +21,7 @@ from ds01_spawner.service.gpu_page import swarm_rows
 from ds01_spawner.swarmservice import assigned_gpus
 
 from . import swarm as swarm_infra
-from .conftest import GPU_ENV, eventually, gpu_resources, service_of
+from .conftest import GPU_ENV, eventually, gpu_resources, service_of, take_gpus_of
 
 
 async def test_a_project_starts_on_the_second_node_and_answers_through_the_hub(swarm, swarm_hub):
@@ -47,6 +47,14 @@ async def test_a_project_starts_on_the_second_node_and_answers_through_the_hub(s
 
     await hub.stop(user, "p")
     assert swarm.manager.services.list(filters={"label": f"ds01.user={user}"}) == []
+
+
+async def start_outcome(hub, user: str, server: str, options: dict) -> str:
+    """Start; "ready", or "<status> <message>" of the refusal (at once or later)."""
+    r = await hub.request_start(user, server, options)
+    if r.status_code in (201, 202):
+        return await outcome(hub, user, server)
+    return f"{r.status_code} {r.json().get('message', r.text)}"
 
 
 async def outcome(hub, user: str, server: str, timeout: float = 240) -> str:
@@ -139,8 +147,7 @@ async def test_a_start_the_swarm_cannot_place_is_refused_within_seconds_not_left
     hub = await swarm_hub(policy={"defaults": {"max_gpus": 1}})
     user = hub.new_user()
     began = time.monotonic()
-    r = await hub.request_start(user, "g", {"project": "g", "type": "base", "gpus": 1})
-    result = await outcome(hub, user, "g") if r.status_code in (201, 202) else r.json()["message"]
+    result = await start_outcome(hub, user, "g", {"project": "g", "type": "base", "gpus": 1})
     assert "no GPU for you right now" in result and "insufficient resources" in result, result
     assert time.monotonic() - began < 60  # a build, then placement_timeout (3 s), not start_timeout
     assert swarm.manager.services.list(filters={"label": f"ds01.user={user}"}) == []
@@ -196,8 +203,7 @@ async def test_the_fair_gpu_queue_serves_waiters_in_order_on_the_swarm(swarm, sw
     assert [r["user"] for r in queue_rows(QueueFile(state_dir))] == [c, d]  # the GPU page
     # waiting creates nothing on the swarm
     assert swarm.manager.services.list(filters={"label": f"ds01.user={c}"}) == []
-    r = await hub.request_start(e, "g", {"project": "g", "type": "base", "gpus": 1})
-    result = await outcome(hub, e, "g") if r.status_code in (201, 202) else r.json()["message"]
+    result = await start_outcome(hub, e, "g", {"project": "g", "type": "base", "gpus": 1})
     assert "no GPU for you right now" in result and "wait" in result, result
 
     # a's two GPUs free: they go to c, first in line, though d asks for fewer
@@ -234,8 +240,7 @@ async def test_a_node_killed_under_a_server_frees_its_gpu_and_the_restart_lands_
     # a short heartbeat: the manager declares a dead node down within seconds
     swarm.manager.swarm.update(dispatcher_heartbeat_period=1_000_000_000)
     # n1's GPUs taken for a moment, so the server lands on n2 (n1 is the manager)
-    filler = services(resources=gpu_resources(2), constraints=["node.hostname==n1"], name="filler")
-    swarm.running(filler)
+    filler = take_gpus_of(swarm, services, "n1", name="filler")
     hub = await swarm_hub(policy={"defaults": {"max_gpus": 1}}, _jupyterhub={}, poll_interval=1)
     user = hub.new_user()
     await hub.start(user, "p", {"project": "p", "type": "base", "gpus": 1})
@@ -288,8 +293,7 @@ async def test_an_image_rebuilt_from_the_image_page_runs_on_the_other_node_by_di
 
     hub = await swarm_hub(policy={"defaults": {"max_gpus": 1}})
     user = hub.new_user()
-    filler = services(resources=gpu_resources(2), constraints=["node.hostname==n2"])
-    swarm.running(filler)
+    filler = take_gpus_of(swarm, services, "n2")
     await hub.start(user, "p", {"project": "p", "type": "base", "gpus": 1})
     assert hub.app.users[user].spawners["p"].node == "n1"
     first = image_of(service_of(swarm, user, "p"))
@@ -319,7 +323,7 @@ async def test_an_image_rebuilt_from_the_image_page_runs_on_the_other_node_by_di
 
     # the restart lands on n2 (n1's GPUs taken meanwhile) and runs the new build by digest
     await hub.stop(user, "p")
-    swarm.running(services(resources=gpu_resources(2), constraints=["node.hostname==n1"]))
+    take_gpus_of(swarm, services, "n1")
     await hub.start(user, "p", {"project": "p", "type": "base", "gpus": 1})
     assert hub.app.users[user].spawners["p"].node == "n2"
     service = service_of(swarm, user, "p")
@@ -361,14 +365,9 @@ async def test_a_node_that_cannot_pull_the_image_refuses_the_start_clearly(
 ):
     hub = await swarm_hub(policy={"defaults": {"max_gpus": 1}})
     user = hub.new_user()
-    filler = services(resources=gpu_resources(2), constraints=["node.hostname==n1"])
-    swarm.running(filler)
+    take_gpus_of(swarm, services, "n1")
     registry_blocked_from("n2")  # the project's new image exists only in the registry
-    r = await hub.request_start(user, "p", {"project": "p", "type": "base", "gpus": 1})
-    if r.status_code in (201, 202):
-        result = await outcome(hub, user, "p")
-    else:
-        result = f"{r.status_code} {r.json()['message']}"
+    result = await start_outcome(hub, user, "p", {"project": "p", "type": "base", "gpus": 1})
     assert result.startswith("502 node n2 could not pull your image"), result
     assert "your image and workspace are unchanged" in result
     assert swarm.manager.services.list(filters={"label": f"ds01.user={user}"}) == []
