@@ -24,6 +24,7 @@ from ..exemptions import Exemption
 from ..ledger import Holder
 from ..limits import Limits, RetirementSettings
 from ..nvml import GpuSlot
+from ..swarmledger import NodeGpu, gpu_table
 from ..units import format_duration, format_remaining
 from .base import BaseHandler
 from .gpu_page import swarm_view
@@ -86,23 +87,8 @@ def usage(user: str, limits: Limits, views: list[ServerView], holds: list) -> di
 def gpu_rows(gpus: list[GpuSlot], ledger: list[Holder]) -> list[dict[str, str]]:
     """Every GPU a check saw and who holds it, in the rows of the swarm's table
     (`swarmledger.gpu_table`); no node: one engine's GPUs."""
-    by_uuid = {h.uuid: h for h in ledger}
-    rows = []
-    for g in gpus:
-        holder = by_uuid.get(g.uuid)
-        rows.append(
-            {
-                "node": "",
-                "gpu": g.uuid,
-                "index": g.index,
-                "model": g.name,
-                "state": "held" if holder else "free",
-                "user": holder.user if holder else "",
-                "project": holder.project if holder else "",
-                "service": holder.container if holder else "",
-            }
-        )
-    return rows
+    found = [NodeGpu("", "", g.uuid, g.index, g.name, g.memory_total, True) for g in gpus]
+    return gpu_table(found, ledger)
 
 
 class LimitsHandler(BaseHandler):
